@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned stack (CPU torch unless a CUDA torch is already there) and the
+# torchvision import hook. Safe to run again: pip skips what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# The constraints file keeps every later pip call from swapping in a CUDA torch.
+"$VENV/bin/pip" install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
+
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp tools/torchvision_cpu_hook.py "$site/"
+echo "import torchvision_cpu_hook" > "$site/torchvision_cpu_hook.pth"
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, peft  # noqa: F401 - fails loudly if the stack does not import
+from transformers import Trainer  # noqa: F401 - the import torchvision used to break
+print(f"environment ready: torch {torch.__version__}, transformers {transformers.__version__}")
+PY
