@@ -1,0 +1,169 @@
+"""``python -m dataprocess {build,validate,stats,images}``: the data-preparation command line.
+
+- ``build --config dataprocess/config.yaml``: convert, sample, merge, validate, write chat.json
+  plus ``<output>.report.json`` (and ``<output>.dropped.jsonl`` when records were rejected).
+- ``validate --data chat.json --image_folder DIR``: the same checks on an existing file.
+- ``stats --data chat.json --num_image_tokens 576``: token lengths with the real Qwen tokenizer
+  and a histogram PNG (this one subcommand imports the model stack, hence torch).
+- ``images --data chat.json --image_folder DIR --cache DIR --size 336``: resize into a cache.
+
+Exit status 1 when errors remain (``--drop-invalid`` writes the good records and exits 0),
+2 for a bad config, flag or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dataprocess.report import format_summary
+
+log = logging.getLogger("dataprocess")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    """Accept both ``--drop-invalid`` and ``--drop_invalid`` spellings."""
+    dashed, underscored = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
+    names = [dashed] if dashed == underscored else [underscored, dashed]
+    parser.add_argument(*names, dest=name.replace("-", "_"), **kwargs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataprocess", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every change per record")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="convert and merge the sources of a config")
+    _flag(build, "config", type=Path, required=True, help="YAML build config")
+    _flag(build, "output", type=Path, help="override the config's output (.json or .jsonl)")
+    _flag(build, "drop-invalid", action="store_true", help="write only the good records")
+    _flag(build, "skip-image-check", action="store_true", help="do not open the images")
+    _flag(build, "workers", type=int, default=8, help="threads for image checks")
+
+    validate = sub.add_parser("validate", help="check an existing chat.json / JSONL file")
+    _flag(validate, "data", type=Path, required=True)
+    _flag(validate, "image_folder", type=Path, help="image root; images are not checked without it")
+    _flag(validate, "drop-invalid", action="store_true", help="write the good records to --output")
+    _flag(validate, "output", type=Path, help="where --drop-invalid writes the good records")
+    _flag(validate, "report", type=Path, help="JSON report path (default: next to --data)")
+    _flag(validate, "workers", type=int, default=8)
+
+    stats = sub.add_parser("stats", help="token-length statistics and histogram (needs torch)")
+    _flag(stats, "data", type=Path, required=True)
+    _flag(
+        stats, "num_image_tokens", type=int, required=True, help="e.g. 576 CLIP-L/336, 729 SigLIP"
+    )
+    _flag(stats, "histogram", type=Path, help="PNG path (default: <data>.lengths.png)")
+    _flag(stats, "model_max_length", type=int, help="report how many records exceed it")
+    _flag(stats, "system", default="You are a helpful assistant.", help="system prompt assumed")
+
+    images = sub.add_parser("images", help="resize referenced images into a cache folder")
+    _flag(images, "data", type=Path, required=True)
+    _flag(images, "image_folder", type=Path, required=True)
+    _flag(images, "cache", type=Path, required=True)
+    _flag(images, "size", type=int, required=True, help="the tower's input size, e.g. 336 or 384")
+    _flag(images, "pad", action="store_true", help="pad to a square (mean colour) before resizing")
+    _flag(images, "workers", type=int, default=4)
+    return parser
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from dataprocess.build import build
+    from dataprocess.config import load_config
+
+    config = load_config(args.config)
+    check = False if args.skip_image_check else None
+    report = build(
+        config,
+        output=args.output,
+        drop_invalid=args.drop_invalid,
+        check_images=check,
+        workers=args.workers,
+    )
+    print(report["summary"])
+    return 0 if report["ok"] or args.drop_invalid else 1
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from dataprocess.build import side_paths, write_dropped, write_records
+    from dataprocess.validate import validate_file
+
+    if args.drop_invalid and args.output is None:
+        raise ValueError("--drop-invalid needs --output (where the good records go)")
+    good, tally = validate_file(args.data, args.image_folder, args.workers)
+    ok = not tally.errors
+    report = {
+        "data": str(args.data),
+        "image_folder": str(args.image_folder or ""),
+        "ok": ok,
+        "errors": len(tally.errors),
+        "written": 0,
+        "dropped": tally.counts["read"] - len(good),
+        "sources": {tally.name: tally.summary()},
+    }
+    report_path, dropped_path = side_paths(args.output or args.data)
+    if args.drop_invalid:
+        write_records(good, args.output)
+        report["written"] = len(good)
+    if tally.errors and args.drop_invalid:
+        write_dropped([tally], dropped_path)
+        report["dropped_list"] = str(dropped_path)
+    report_path = args.report or report_path
+    report_path.write_text(
+        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    print(format_summary(report))
+    print(f"report: {report_path}")
+    return 0 if ok or args.drop_invalid else 1
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from dataprocess.stats import run_stats
+
+    summary = run_stats(
+        args.data, args.num_image_tokens, args.histogram, args.model_max_length, args.system
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_images(args: argparse.Namespace) -> int:
+    from dataprocess.process_image import process_images
+
+    result = process_images(
+        args.data, args.image_folder, args.cache, args.size, args.pad, args.workers
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run one subcommand; returns the exit status."""
+    from dataprocess.config import ConfigError
+    from dataprocess.schema import RecordError
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    runners = {
+        "build": _run_build,
+        "validate": _run_validate,
+        "stats": _run_stats,
+        "images": _run_images,
+    }
+    try:
+        return runners[args.command](args)
+    except (ConfigError, RecordError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

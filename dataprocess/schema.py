@@ -1,0 +1,286 @@
+"""The canonical record: one owner for the LLaVA ``chat.json`` schema used across the project.
+
+A record is an id, the images it shows (paths relative to an image folder) and its turns: an
+optional leading system turn, then user/assistant alternating, ending with an assistant turn.
+Every ``<image>`` marker sits in a user turn, one per image, in order.
+
+``parse_record`` turns a raw LLaVA dict into a :class:`Record` and raises :class:`RecordError`
+for every schema fault. It never drops or edits a turn: cleaning (dropping a leading assistant
+turn of raw ShareGPT data, for example) is a converter's job, where it can be logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE_MARKER = "<image>"
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+# Canonical role -> the ``from`` value written back to chat.json.
+_ROLE_TO_LLAVA = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation; ``role`` is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample in canonical form."""
+
+    id: str
+    images: tuple[str, ...]
+    turns: tuple[Turn, ...]
+    source: str = ""
+
+
+class RecordError(ValueError):
+    """A record (or a whole file) does not fit the schema.
+
+    The message names the file, the record id (or its index when there is no id) and the problem;
+    ``kind`` is a short machine-readable category used by the validator's report.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        kind: str,
+        record_id: str | None = None,
+        source: str = "",
+        index: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.kind = kind
+        self.record_id = record_id
+        self.source = source
+        self.index = index
+        where = []
+        if source:
+            where.append(str(source))
+        if record_id is not None:
+            where.append(f"record {record_id!r}")
+        if index is not None:
+            where.append(f"index {index}")
+        prefix = ", ".join(where) if where else "record"
+        super().__init__(f"{prefix}: {problem} [{kind}]")
+
+
+def _parse_id(raw: dict, err: Any) -> str:
+    if "id" not in raw:
+        raise err("no 'id' key", "missing_field")
+    value = raw["id"]
+    # bool is an int subclass; a JSON true/false id is a mistake, not an id.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise err(f"'id' must be a string or an integer, got {type(value).__name__}", "bad_type")
+    text = str(value)
+    if not text.strip():
+        raise err("'id' is empty", "bad_type")
+    return text
+
+
+def _parse_images(raw: dict, err: Any) -> tuple[str, ...]:
+    if "image" not in raw:
+        return ()
+    value = raw["image"]
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths:
+        raise err("'image' must be a string or a non-empty list of strings", "bad_type")
+    for path in paths:
+        if not isinstance(path, str) or not path.strip():
+            raise err(f"'image' holds {path!r}, not a non-empty path string", "bad_type")
+    return tuple(paths)
+
+
+def _parse_turns(raw: dict, err: Any) -> list[Turn]:
+    turns: list[Turn] = []
+    system = raw.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise err("top-level 'system' must be a string", "bad_type")
+        # An empty top-level system string (LLaMA-Factory writes "") means "no system prompt".
+        if system.strip():
+            turns.append(Turn("system", system))
+    if "conversations" not in raw:
+        raise err("no 'conversations' key", "missing_field")
+    conversations = raw["conversations"]
+    if not isinstance(conversations, list):
+        raise err("'conversations' must be a list", "bad_type")
+    if not conversations:
+        raise err("'conversations' is empty", "no_assistant_turn")
+    for position, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise err(f"turn {position} is not an object", "bad_type")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise err(f"turn {position} has no {key!r} key", "missing_field")
+        role = ROLE_ALIASES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            allowed = ", ".join(sorted(ROLE_ALIASES))
+            raise err(
+                f"turn {position} has role {turn['from']!r}; allowed: {allowed}", "unknown_role"
+            )
+        value = turn["value"]
+        if not isinstance(value, str):
+            raise err(f"turn {position} value is {type(value).__name__}, not a string", "bad_type")
+        if not value.strip():
+            raise err(f"turn {position} ({turn['from']}) is empty", "empty_turn")
+        turns.append(Turn(role, value))
+    return turns
+
+
+def _check_order(turns: list[Turn], err: Any) -> None:
+    body = turns[1:] if turns[0].role == "system" else turns
+    if any(t.role == "system" for t in body):
+        raise err("a system turn may only come first (one per record)", "not_alternating")
+    if not any(t.role == "assistant" for t in body):
+        raise err("the record has no assistant turn", "no_assistant_turn")
+    for position, turn in enumerate(body):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise err(
+                f"conversation turn {position} is from {turn.role}, expected {expected} "
+                "(turns must start with user and alternate)",
+                "not_alternating",
+            )
+    if body[-1].role != "assistant":
+        raise err("the last turn is from user; it must be an assistant turn", "trailing_user_turn")
+
+
+def _check_markers(turns: list[Turn], images: tuple[str, ...], err: Any) -> None:
+    for position, turn in enumerate(turns):
+        if turn.role != "user" and IMAGE_MARKER in turn.content:
+            kind = (
+                "image_marker_in_answer" if turn.role == "assistant" else "image_marker_in_system"
+            )
+            raise err(f"turn {position} ({turn.role}) contains {IMAGE_MARKER}", kind)
+    count = sum(t.content.count(IMAGE_MARKER) for t in turns if t.role == "user")
+    if count != len(images):
+        raise err(
+            f"{count} {IMAGE_MARKER} marker(s) in user turns but {len(images)} image(s)",
+            "image_count_mismatch",
+        )
+
+
+def parse_record(raw: dict, *, source: str = "", index: int | None = None) -> Record:
+    """Check one raw LLaVA ``chat.json`` record and return it as a :class:`Record`."""
+    record_id: str | None = None
+
+    def err(problem: str, kind: str) -> RecordError:
+        return RecordError(problem, kind=kind, record_id=record_id, source=source, index=index)
+
+    if not isinstance(raw, dict):
+        raise err(f"record is {type(raw).__name__}, not an object", "bad_type")
+    record_id = _parse_id(raw, err)  # err reads it, so every later error names the id
+    images = _parse_images(raw, err)
+    turns = _parse_turns(raw, err)
+    _check_order(turns, err)
+    _check_markers(turns, images, err)
+    return Record(id=record_id, images=images, turns=tuple(turns), source=str(source))
+
+
+def _decode(data: bytes, source: str, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"line {line}, " if line is not None else ""
+        raise RecordError(
+            f"{where}invalid UTF-8 at byte {exc.start}", kind="invalid_utf8", source=source
+        ) from None
+
+
+def _iter_jsonl(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
+    index = 0
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        text = _decode(line, source, line_number).strip()
+        if not text:
+            continue  # blank lines (a trailing newline, for example) carry no record
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(
+                f"line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})",
+                kind="invalid_json",
+                source=source,
+                index=index,
+            ) from None
+        if not isinstance(raw, dict):
+            raise RecordError(
+                f"line {line_number}: record is {type(raw).__name__}, not an object",
+                kind="bad_type",
+                source=source,
+                index=index,
+            )
+        yield index, raw
+        index += 1
+
+
+def _iter_json_list(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
+    text = _decode(data, source).lstrip("\ufeff")
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            kind="invalid_json",
+            source=source,
+        ) from None
+    if not isinstance(top, list):
+        raise RecordError(
+            f"top level is {type(top).__name__}, expected a list of records",
+            kind="not_a_list",
+            source=source,
+        )
+    for index, raw in enumerate(top):
+        if not isinstance(raw, dict):
+            raise RecordError(
+                f"record is {type(raw).__name__}, not an object",
+                kind="bad_type",
+                source=source,
+                index=index,
+            )
+        yield index, raw
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, raw dict)`` from a JSON list (``.json``) or JSON lines (``.jsonl``) file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(
+            f"cannot read file: {exc.strerror}", kind="unreadable_file", source=source
+        ) from None
+    if not data.strip():
+        raise RecordError("file is empty", kind="empty_file", source=source)
+    if path.suffix.lower() == ".jsonl":
+        yield from _iter_jsonl(data, source)
+    else:
+        yield from _iter_json_list(data, source)
+
+
+def record_to_json(record: Record) -> dict:
+    """Return the canonical LLaVA dict for ``record``; ``parse_record`` reads it back unchanged."""
+    out: dict[str, Any] = {"id": record.id}
+    if len(record.images) == 1:
+        out["image"] = record.images[0]
+    elif record.images:
+        out["image"] = list(record.images)
+    out["conversations"] = [
+        {"from": _ROLE_TO_LLAVA[turn.role], "value": turn.content} for turn in record.turns
+    ]
+    return out

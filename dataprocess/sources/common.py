@@ -1,0 +1,82 @@
+"""Helpers shared by the converters: reading files into a tally, cleaning roles, prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dataprocess.report import Tally
+from dataprocess.schema import ROLE_ALIASES, RecordError, iter_raw_records
+
+
+def iter_file(path: Path, tally: Tally) -> Iterator[tuple[int, dict]]:
+    """Yield raw records of one file; a file-level fault is tallied and ends the file."""
+    try:
+        for index, raw in iter_raw_records(path):
+            tally.counts["read"] += 1
+            yield index, raw
+    except RecordError as exc:
+        tally.error(exc)
+
+
+def load_json_object(path: Path) -> dict[str, Any]:
+    """Read a file whose top level is one JSON object (COCO annotations)."""
+    source = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise RecordError(
+            f"cannot read file: {exc.strerror}", kind="unreadable_file", source=source
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise RecordError(
+            f"invalid UTF-8 at byte {exc.start}", kind="invalid_utf8", source=source
+        ) from None
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno})", kind="invalid_json", source=source
+        ) from None
+    if not isinstance(top, dict):
+        raise RecordError(
+            f"top level is {type(top).__name__}, expected an object", kind="bad_type", source=source
+        )
+    return top
+
+
+def role_of(turn: Any) -> str | None:
+    """The canonical role of a raw turn, or None when it is not a known role."""
+    if isinstance(turn, dict) and isinstance(turn.get("from"), str):
+        return ROLE_ALIASES.get(turn["from"])
+    return None
+
+
+def drop_leading_assistant(
+    turns: list[Any], tally: Tally, record_id: str | None, source: str
+) -> list[Any]:
+    """Drop assistant turns before the first user turn (after an optional system turn), logged.
+
+    Raw ShareGPT and Qwen-VL data start some chats with the assistant; both FastChat and Qwen-VL's
+    finetune.py drop such turns, and so do we, but we say so.
+    """
+    start = 1 if turns and role_of(turns[0]) == "system" else 0
+    end = start
+    while end < len(turns) and role_of(turns[end]) == "assistant":
+        end += 1
+    if end > start:
+        tally.change(
+            "dropped_leading_assistant_turn",
+            record_id,
+            source,
+            f"dropped {end - start} assistant turn(s) before the first user turn",
+        )
+    return turns[:start] + turns[end:]
+
+
+def choose_prompt(prompts: tuple[str, ...], seed: int, record_id: str) -> str:
+    """Pick a prompt from the record id and the seed, so a record's prompt never depends on order."""
+    return random.Random(f"{seed}|{record_id}").choice(prompts)

@@ -1,0 +1,11 @@
+"""Records -> tokenized, labelled samples -> batches. This package owns which tokens carry loss.
+
+Modules (import them directly; nothing heavy is imported with the package):
+- `dataset.loading`: `load_records(path, image_folder=..., skip_invalid=...)` validates a
+  chat.json / JSONL file before training and returns a memory-mapped `datasets.Dataset`.
+- `dataset.conversation`: `encode_conversation(...)`, the ChatML rendering and the label rule;
+  `fit_to_length(...)`, the truncation rule.
+- `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`) and `SupervisedDataset`.
+- `dataset.collator`: `SupervisedCollator(pad_token_id)`.
+- `dataset.build`: `build_supervised_dataset(...)`, all of the above in one call.
+"""

@@ -1,0 +1,198 @@
+"""Records -> tokenized samples (cached with `datasets.map`) -> per-sample tensors.
+
+`tokenize_records` renders every record once (see `dataset.conversation` for the layout and the
+label rule) into columns id, input_ids, labels, images, length, truncated. The result is cached
+by `datasets` next to the records' Arrow file, under a fingerprint of the records, the
+tokenizer's vocabulary and the settings, so a second run with the same inputs reads it back
+memory-mapped. Over-long samples are truncated or dropped by `fit_to_length`; both are counted
+and logged.
+
+`SupervisedDataset` turns one row into tensors. Images are decoded and preprocessed by callables
+owned by the vision tower (`visual.load_image`, `tower.preprocess`); this file never does image
+arithmetic itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from dataset.conversation import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatBlocks,
+    encode_conversation,
+    encode_text,
+    fit_to_length,
+)
+
+logger = logging.getLogger(__name__)
+
+# Bump when the rendering or the columns change, so cached tokenizations are rebuilt.
+TOKENIZE_VERSION = 1
+_PROBE_TEXT = "The 3 quick brown foxes\n  jumped: 图像理解助手。 <|im_start|>ÄÖ émoji 🙂 1234"
+
+SAMPLE_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "images": datasets.List(datasets.Value("string")),
+        "length": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class TokenizeStats:
+    """How many records became samples, and how many were cut or dropped for length."""
+
+    records: int
+    samples: int
+    truncated: int
+
+    @property
+    def dropped(self) -> int:
+        return self.records - self.samples
+
+
+def _tokenize_batch(batch: dict[str, list], **settings: Any) -> dict[str, list]:
+    """Batched map function: render each record; rows that cannot fit are left out."""
+    max_length = settings.pop("model_max_length")
+    tokenizer = settings.pop("tokenizer")
+    out: dict[str, list] = {name: [] for name in SAMPLE_FEATURES}
+    blocks = ChatBlocks.build(tokenizer)
+    rows = zip(batch["id"], batch["images"], batch["roles"], batch["contents"], strict=True)
+    for record_id, images, roles, contents in rows:
+        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
+        sample = fit_to_length(full, max_length)
+        if sample is None:
+            continue
+        out["id"].append(record_id)
+        out["input_ids"].append(sample.input_ids)
+        out["labels"].append(sample.labels)
+        out["images"].append(images)
+        out["length"].append(len(sample.input_ids))
+        out["truncated"].append(len(sample.input_ids) < len(full.input_ids))
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A cheap identity of a tokenizer: class, size, special tokens and a probe encoding.
+
+    Hashing the whole vocabulary takes seconds; two vocabularies that agree on all of this
+    and on the probe text are, for caching purposes, the same.
+    """
+    special = getattr(tokenizer, "added_tokens_encoder", {})
+    parts = [type(tokenizer).__qualname__, len(tokenizer), sorted(special.items())]
+    parts.append(encode_text(tokenizer, _PROBE_TEXT))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def tokenize_records(
+    records: datasets.Dataset,
+    tokenizer: Any,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    model_max_length: int,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, TokenizeStats]:
+    """Tokenize all `records` (columns id, images, roles, contents) once, cached on disk."""
+    settings = {
+        "image_token_id": image_token_id,
+        "num_image_tokens": num_image_tokens,
+        "model_max_length": model_max_length,
+        "system_prompt": system_prompt,
+    }
+    # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
+    key = f"{TOKENIZE_VERSION}|{records._fingerprint}|{tokenizer_fingerprint(tokenizer)}|{settings}"
+    samples = records.map(
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, **settings},
+        remove_columns=records.column_names,
+        features=SAMPLE_FEATURES,
+        num_proc=num_proc,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        desc="tokenizing records",
+    )
+    truncated = pc.sum(samples.data.column("truncated")).as_py() or 0
+    stats = TokenizeStats(records=len(records), samples=len(samples), truncated=truncated)
+    if stats.truncated or stats.dropped:
+        logger.warning(
+            "model_max_length=%d: %d of %d samples truncated, %d dropped (the cut would split an "
+            "image or leave no answer token)",
+            model_max_length, stats.truncated, stats.records, stats.dropped,
+        )  # fmt: skip
+    if stats.dropped:
+        kept = set(samples.data.column("id").to_pylist())
+        dropped = [i for i in records.data.column("id").to_pylist() if i not in kept]
+        logger.warning("dropped record ids (first 5): %s", dropped[:5])
+    return samples, stats
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None}.
+
+    `load_image(path) -> PIL.Image` and `preprocess(list[PIL.Image]) -> [n,3,H,W]` come from the
+    vision tower. Image paths are resolved against `image_folder`.
+    """
+
+    def __init__(
+        self,
+        samples: datasets.Dataset,
+        *,
+        image_folder: str | os.PathLike | None,
+        load_image: Callable[[Path], Image.Image],
+        preprocess: Callable[[list[Image.Image]], torch.Tensor],
+    ) -> None:
+        self.samples = samples
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.load_image = load_image
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token length of every sample (for a length-grouped sampler)."""
+        return self.samples.data.column("length").to_pylist()
+
+    @property
+    def num_images(self) -> list[int]:
+        """Image count of every sample (0 = text-only), for grouping by modality."""
+        return pc.list_value_length(self.samples.data.column("images")).to_pylist()
+
+    def _pixel_values(self, record_id: str, images: Sequence[str]) -> torch.Tensor | None:
+        if not images:
+            return None
+        if self.image_folder is None:
+            raise ValueError(f"record {record_id!r} has images but no image_folder was given")
+        pixel_values = self.preprocess([self.load_image(self.image_folder / p) for p in images])
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != len(images):
+            raise ValueError(
+                f"record {record_id!r}: preprocess returned shape {tuple(pixel_values.shape)} for "
+                f"{len(images)} image(s); expected [{len(images)}, 3, H, W]"
+            )
+        return pixel_values  # [n_img, 3, H, W]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
+        row = self.samples[index]
+        return {
+            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),  # [L]
+            "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
+            "pixel_values": self._pixel_values(row["id"], row["images"]),
+        }
