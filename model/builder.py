@@ -1,0 +1,116 @@
+"""Builds the VLM from its configuration: LLM + tokenizer, vision tower, projector.
+
+The facts each part owns are read from it, never recomputed here: the placeholder id from the
+tokenizer, Dl from `llm.config`, N and Dv from the vision tower.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import qwen  # noqa: F401 - registers model_type "qwen" with the Auto classes
+from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
+from model.projector import build_projector
+from model.vlm import VisionLanguageModel
+from visual import load_vision_tower
+
+logger = logging.getLogger(__name__)
+
+QWEN_IMAGE_TOKEN = "<|extra_0|>"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU that has it, else fp32 (CPU training in bf16 is slow)."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str):
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "qwen":
+        return qwen.QWenTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def image_token_id_for(tokenizer, llm_config, image_token: str | None) -> int:
+    """The placeholder's id, owned by the tokenizer; it must be a single existing token."""
+    if image_token is None:
+        if llm_config.model_type != "qwen":
+            raise ValueError(
+                f"--image_token is required for model_type {llm_config.model_type!r} "
+                "(a single special token of its vocabulary, e.g. '<|image_pad|>' for Qwen2.5)"
+            )
+        image_token = QWEN_IMAGE_TOKEN
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not isinstance(token_id, int) or token_id == unk or token_id >= llm_config.vocab_size:
+        raise ValueError(f"--image_token {image_token!r} is not a single token of this tokenizer")
+    return token_id
+
+
+def load_language_model(config: LanguageModelConfig, path: str | None = None):
+    """Returns (llm, tokenizer, image_token_id)."""
+    path = path or config.language_model
+    dtype = resolve_dtype(config.dtype)
+    kwargs: dict = {"dtype": dtype}
+    if config.bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = load_tokenizer(path)
+    image_token_id = image_token_id_for(tokenizer, llm.config, config.image_token)
+    if llm.config.model_type == "qwen":
+        llm.config.image_token_id = image_token_id
+    llm.config.use_cache = False
+    return llm, tokenizer, image_token_id
+
+
+def load_vision(config: VisionConfig, dtype: torch.dtype, path: str | None = None):
+    return load_vision_tower(
+        path or config.vision_model,
+        library=config.vision_library,
+        pretrained=config.vision_pretrained,
+        feature_layer=config.vision_feature_layer,
+        image_aspect_ratio=config.image_aspect_ratio,
+        dtype=dtype,
+    )
+
+
+def make_projector(config: ProjectorConfig, vision, llm) -> torch.nn.Module:
+    options = {"num_queries": config.num_queries} if config.projector_type == "resampler" else {}
+    return build_projector(
+        config.projector_type,
+        vision_hidden_size=vision.hidden_size,
+        llm_hidden_size=llm.config.hidden_size,
+        num_patches=vision.num_image_tokens,
+        **options,
+    )
+
+
+def build_vlm(
+    language: LanguageModelConfig, vision_config: VisionConfig, projector_config: ProjectorConfig
+):
+    """Returns (VisionLanguageModel, tokenizer). The projector is fp32 (its master weights)."""
+    llm, tokenizer, image_token_id = load_language_model(language)
+    vision = load_vision(vision_config, resolve_dtype(language.dtype))
+    projector = make_projector(projector_config, vision, llm)
+    vlm = VisionLanguageModel(vision, projector, llm, image_token_id)
+    logger.info(
+        "VLM: %s (%d image tokens, Dv=%d) -> %s -> %s (Dl=%d)",
+        vision_config.vision_model,
+        vision.num_image_tokens,
+        vision.hidden_size,
+        projector_config.projector_type,
+        language.language_model,
+        llm.config.hidden_size,
+    )
+    return vlm, tokenizer

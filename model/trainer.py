@@ -1,0 +1,141 @@
+"""The HF Trainer, adapted to the VLM: two learning rates, small checkpoints, exact resume.
+
+- The projector gets its own optimizer groups at `feature_proj_lr`; everything else that trains
+  (LoRA adapters, or the full LLM) uses `learning_rate`. The scheduler scales both groups, and both
+  rates are logged (`learning_rate` is the LLM's, `learning_rate_projector` the projector's).
+- Checkpoints hold only the trainable weights (see `model/checkpoint.py`) plus the Trainer's
+  optimizer, scheduler, RNG and data-position state, so `resume_from_checkpoint` continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from model.checkpoint import ADAPTER_DIR, LLM_DIR, load_projector_weights, save_trainable
+from model.config import RunConfig, save_config
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_GROUP = "projector"
+LLM_GROUP = "llm"
+
+
+class VLMTrainer(Trainer):
+    def __init__(self, *args, run_config: RunConfig, description: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_config = run_config
+        self.description = description
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        rates = {
+            PROJECTOR_GROUP: self.run_config.training.feature_proj_lr,
+            LLM_GROUP: self.args.learning_rate,
+        }
+        buckets: dict[tuple[str, bool], list] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = PROJECTOR_GROUP if name.startswith("projector.") else LLM_GROUP
+            buckets.setdefault((group, name in decay), []).append(param)
+        groups = [
+            {
+                "params": params,
+                "lr": rates[group],
+                "weight_decay": self.args.weight_decay if decayed else 0.0,
+                "group_name": group,
+            }
+            for (group, decayed), params in sorted(buckets.items())
+        ]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def group_learning_rates(self) -> dict[str, float]:
+        """Current learning rate of each named group (after the scheduler)."""
+        return {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.optimizer is not None and "loss" in logs:
+            rates = self.group_learning_rates()
+            if LLM_GROUP in rates:
+                logs["learning_rate"] = rates[LLM_GROUP]
+            if PROJECTOR_GROUP in rates:
+                logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_trainable(model, self.processing_class, output_dir, self.description)
+        save_config(self.run_config, Path(output_dir) / "train_config.yaml")
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        checkpoint = Path(resume_from_checkpoint)
+        load_projector_weights(model, checkpoint)
+        adapter = checkpoint / ADAPTER_DIR / "adapter_model.safetensors"
+        if isinstance(model.llm, PeftModel):
+            if not adapter.is_file():
+                raise FileNotFoundError(f"{checkpoint}: no LoRA adapter to resume from ({adapter})")
+            result = set_peft_model_state_dict(model.llm, load_file(adapter))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{adapter}: unexpected keys {result.unexpected_keys[:5]}")
+        elif (checkpoint / LLM_DIR).is_dir():
+            state = type(model.llm).from_pretrained(checkpoint / LLM_DIR).state_dict()
+            model.llm.load_state_dict(state)
+        logger.info("resumed trainable weights from %s", checkpoint)
+
+
+def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool):
+    """TrainingArguments from the `training` section; the rest is fixed by this design."""
+    from transformers import TrainingArguments
+
+    t = config.training
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps if has_eval else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16 and on_gpu,
+        fp16=dtype == torch.float16 and on_gpu,
+        use_cpu=not on_gpu,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        remove_unused_columns=False,  # pixel_values is not a column the Trainer knows
+        prediction_loss_only=True,  # the LM loss skips full-vocabulary logits
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=on_gpu,
+        dataloader_persistent_workers=t.dataloader_num_workers > 0,
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=False,  # enabled on the LLM itself (model/trainable.py)
+        label_names=["labels"],
+    )

@@ -1,0 +1,92 @@
+"""The vision-language model: a frozen vision tower, a trainable projector, and an LLM.
+
+Composition, not inheritance: three attributes (`vision`, `projector`, `llm`) and no per-LLM
+mixins. Qwen-7B (`model_type "qwen"`) splices image features inside its own `QWenModel.forward`;
+any other causal LM gets the very same splice function applied to its `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen import splice_image_features
+
+
+class VisionLanguageModel(nn.Module):
+    """vision `[n_img, 3, H, W] -> [n_img, N, Dv]`, projector `-> [n_img, N', Dl]`, llm."""
+
+    # The forward takes no **kwargs, so the HF Trainer never rescales the loss by the number of
+    # processes (see docs/ARCHITECTURE.md); this makes it explicit as well.
+    accepts_loss_kwargs = False
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = int(image_token_id)
+
+    @property
+    def native_splice(self) -> bool:
+        """True for Qwen-7B, whose own forward takes `image_features`."""
+        return getattr(self.llm.config, "model_type", None) == "qwen"
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.projector.num_output_tokens)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.vision(pixel_values)  # [n_img, N, Dv], no grad
+        weight = next(self.projector.parameters())
+        image_features = self.projector(features.to(weight.dtype))  # [n_img, N', Dl]
+        return image_features.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def _llm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> dict:
+        image_features = None if pixel_values is None else self.encode_images(pixel_values)
+        if self.native_splice:
+            return {"input_ids": input_ids, "image_features": image_features}
+        inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, Dl]
+        if image_features is not None or bool((input_ids == self.image_token_id).any()):
+            inputs_embeds = splice_image_features(
+                inputs_embeds, input_ids, image_features, self.image_token_id
+            )
+        return {"inputs_embeds": inputs_embeds}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        inputs = self._llm_inputs(input_ids, pixel_values)
+        output = self.llm(**inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if pixel_values is None and self.training and output.loss is not None:
+            # A batch without images leaves the projector out of the graph; under DDP or ZeRO-3 the
+            # ranks would then disagree on which gradients exist and hang. A zero-weighted pass
+            # keeps every rank's graph identical without changing the loss.
+            output.loss = output.loss + 0.0 * self._projector_probe()
+        return output
+
+    def _projector_probe(self) -> torch.Tensor:
+        weight = next(self.projector.parameters())
+        shape = (1, self.vision.num_image_tokens, self.vision.hidden_size)
+        dummy = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # [1, N, Dv]
+        return self.projector(dummy).sum()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Returns only the newly generated token ids, `[B, new]`."""
+        inputs = self._llm_inputs(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = self.llm.generate(**inputs, attention_mask=attention_mask, **generate_kwargs)
+        # With input_ids, generate returns prompt + new tokens; with inputs_embeds, only new ones.
+        return output[:, input_ids.shape[1] :] if "input_ids" in inputs else output

@@ -1,0 +1,85 @@
+"""Train a vision-language model: read the config, build, run. See README.md for the flags.
+
+    python train.py --config configs/demo.yaml [--flag value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from model.config import add_config_flags, flag_overrides, load_config
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description="Train a Qwen + CLIP/SigLIP VLM with LoRA.")
+    parser.add_argument("--config", help="YAML recipe; flags override its values")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    return load_config(args.config, flag_overrides(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from model.checkpoint import describe, load_projector_weights
+    from model.trainable import configure_trainable
+    from model.trainer import VLMTrainer, training_arguments
+    from model.builder import build_vlm, resolve_dtype
+    from model.data import build_datasets
+
+    vlm, tokenizer = build_vlm(config.language_model, config.vision, config.projector)
+    if config.projector.projector_path:
+        load_projector_weights(vlm, config.projector.projector_path)
+        logger.info("projector initialised from %s", config.projector.projector_path)
+    configure_trainable(
+        vlm,
+        config.lora,
+        quantized=config.language_model.bits == 4,
+        gradient_checkpointing=config.training.gradient_checkpointing,
+    )
+    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
+    dtype = resolve_dtype(config.language_model.dtype)
+    description = describe(
+        vlm,
+        config.language_model,
+        config.vision,
+        config.projector,
+        system_prompt=config.data.system_prompt,
+    )
+    trainer = VLMTrainer(
+        model=vlm,
+        args=training_arguments(config, dtype, has_eval=eval_data is not None),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=collator,
+        processing_class=tokenizer,
+        run_config=config,
+        description=description,
+    )
+    resume = config.training.resume_from_checkpoint
+    if resume == "latest":
+        resume = get_last_checkpoint(config.training.output_dir)
+        if resume is None:
+            logger.info("no checkpoint in %s yet: starting fresh", config.training.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.training.output_dir)
+    logger.info("saved the trained weights to %s", config.training.output_dir)
+
+
+if __name__ == "__main__":
+    rank = int(os.environ.get("RANK", "0"))  # log from the first process only
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # user mistakes: one clear line, no traceback
+        logger.error("%s", error)
+        sys.exit(2)
