@@ -1,6 +1,6 @@
 """Train a vision-language model: read the config, build, run. See README.md for the flags.
 
-    python train.py --config configs/demo.yaml [--flag value ...]
+python train.py --config configs/demo.yaml [--flag value ...]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from model.config import add_config_flags, flag_overrides, load_config
 
@@ -23,16 +24,16 @@ def parse_args(argv: list[str] | None = None):
     return load_config(args.config, flag_overrides(args))
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    from transformers.trainer_utils import get_last_checkpoint
+def build_model(config):
+    """The VLM as its recipe says, ready to train: (vlm, tokenizer). Seeded, so the fresh projector
+    and LoRA weights are the same in every process and every run."""
+    from transformers import set_seed
 
-    from model.checkpoint import describe, load_projector_weights
+    from model.builder import build_vlm
+    from model.checkpoint import load_projector_weights
     from model.trainable import configure_trainable
-    from model.trainer import VLMTrainer, training_arguments
-    from model.builder import build_vlm, resolve_dtype
-    from model.data import build_datasets
 
+    set_seed(config.training.seed)
     vlm, tokenizer = build_vlm(config.language_model, config.vision, config.projector)
     if config.projector.projector_path:
         load_projector_weights(vlm, config.projector.projector_path)
@@ -43,6 +44,21 @@ def main(argv: list[str] | None = None) -> None:
         quantized=config.language_model.bits == 4,
         gradient_checkpointing=config.training.gradient_checkpointing,
     )
+    return vlm, tokenizer
+
+
+def main(argv: list[str] | None = None):
+    """Trains; returns the Trainer (its `state.log_history` holds the losses)."""
+    config = parse_args(argv)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from model.builder import resolve_dtype
+    from model.checkpoint import describe
+    from model.data import build_datasets
+    from model.reporting import plot_loss_curve
+    from model.trainer import VLMTrainer, training_arguments
+
+    vlm, tokenizer = build_model(config)
     train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
     dtype = resolve_dtype(config.language_model.dtype)
     description = describe(
@@ -70,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.training.output_dir)
     logger.info("saved the trained weights to %s", config.training.output_dir)
+    if trainer.is_world_process_zero():
+        plot = plot_loss_curve(
+            trainer.state.log_history, Path(config.training.output_dir) / "loss.png"
+        )
+        if plot is not None:
+            logger.info("loss curve: %s", plot)
+    return trainer
 
 
 if __name__ == "__main__":

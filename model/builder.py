@@ -59,11 +59,13 @@ def load_language_model(config: LanguageModelConfig, path: str | None = None):
     dtype = resolve_dtype(config.dtype)
     kwargs: dict = {"dtype": dtype}
     if config.bits == 4:
+        # The 4-bit matmuls compute in the run's dtype: bf16 on a GPU ("auto"), fp32 on CPU.
+        # bf16 compute also works on CPU (about as fast), but would add bf16 rounding to an fp32 run.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
         )
     llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = load_tokenizer(path)

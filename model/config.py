@@ -48,6 +48,9 @@ class LoraSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: str = "c_attn|w1|w2"  # module names inside the LLM, "|"-separated
+    # LLM modules trained in full next to LoRA, "|"-separated (peft `modules_to_save`), e.g.
+    # "ln_f" or "wte|lm_head" (Qwen's recipe for base models, whose ChatML tokens are untrained)
+    modules_to_save: str | None = None
 
 
 @dataclass
@@ -80,6 +83,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 2
     report_to: str = "tensorboard"  # tensorboard | none
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
+    deepspeed: str | None = None  # a DeepSpeed JSON (configs/deepspeed/zero2.json); needs deepspeed
 
 
 @dataclass
@@ -165,8 +169,15 @@ def validate_config(config: RunConfig) -> None:
     for flag, value, allowed in checks:
         if value not in allowed:
             raise ValueError(f"--{flag} {value!r} is not one of {', '.join(map(str, allowed))}")
+    deepspeed = config.training.deepspeed
+    if deepspeed is not None and not Path(deepspeed).is_file():
+        raise ValueError(
+            f"--deepspeed {deepspeed!r}: no such file (e.g. configs/deepspeed/zero2.json)"
+        )
     if config.language_model.bits == 4 and config.lora.train_mode == "projector+llm":
-        raise ValueError("--bits 4 (QLoRA) cannot train the full LLM; use --train_mode projector+lora")
+        raise ValueError(
+            "--bits 4 (QLoRA) cannot train the full LLM; use --train_mode projector+lora"
+        )
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -20,15 +20,21 @@ from model.vlm import VisionLanguageModel
 logger = logging.getLogger(__name__)
 
 
+def module_names(value: str | None, flag: str) -> list[str] | None:
+    """`"c_attn|w1|w2"` -> ["c_attn", "w1", "w2"], rejecting anything that is not a name."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split("|") if name.strip()]
+    if not names or any(not re.fullmatch(r"[A-Za-z_][\w.]*", name) for name in names):
+        raise ValueError(
+            f"{flag} {value!r}: expected module names separated by '|', e.g. 'c_attn|w1'"
+        )
+    return names
+
+
 def lora_target_regex(target_modules: str) -> str:
     """`"c_attn|w1|w2"` -> a regex peft full-matches against paths such as `transformer.h.0.mlp.w1`."""
-    names = [name.strip() for name in target_modules.split("|") if name.strip()]
-    bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][\w.]*", name)]
-    if not names or bad:
-        raise ValueError(
-            f"--target_modules {target_modules!r}: expected module names separated by '|', "
-            f"e.g. 'c_attn|w1|w2'"
-        )
+    names = module_names(target_modules, "--target_modules")
     return r"(?:.*\.)?(?:" + "|".join(re.escape(name) for name in names) + r")"
 
 
@@ -43,17 +49,24 @@ def configure_trainable(
     vlm.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     if quantized:
+        # Also upcasts every non-quantized LLM weight (embeddings, norms, lm_head) to fp32, as
+        # QLoRA does: the residual stream runs in fp32 around the 4-bit matmuls.
         vlm.llm = prepare_model_for_kbit_training(
-            vlm.llm, use_gradient_checkpointing=gradient_checkpointing
+            vlm.llm,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if settings.train_mode == "projector+lora":
         lora = LoraConfig(
             r=settings.lora_rank,
             lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout,
             target_modules=lora_target_regex(settings.target_modules),
+            modules_to_save=module_names(settings.modules_to_save, "--modules_to_save"),
             bias="none",
         )
         vlm.llm = get_peft_model(vlm.llm, lora)
@@ -71,7 +84,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 
 
 def log_trainable(vlm: VisionLanguageModel) -> None:
-    rows = [(name, *count_parameters(getattr(vlm, name))) for name in ("vision", "projector", "llm")]
+    rows = [
+        (name, *count_parameters(getattr(vlm, name))) for name in ("vision", "projector", "llm")
+    ]
     lines = [f"{'component':<10} {'trainable':>14} {'total':>14}"]
     lines += [f"{name:<10} {t:>14,} {n:>14,}" for name, t, n in rows]
     logger.info("parameters:\n%s", "\n".join(lines))

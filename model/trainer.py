@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from model.checkpoint import ADAPTER_DIR, LLM_DIR, load_projector_weights, save_trainable
 from model.config import RunConfig, save_config
+from model.reporting import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ class VLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.description = description
+        self.throughput = ThroughputCallback()
+        self.add_callback(self.throughput)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -73,6 +79,9 @@ class VLMTrainer(Trainer):
                 logs["learning_rate"] = rates[LLM_GROUP]
             if PROJECTOR_GROUP in rates:
                 logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
+            rate = self.throughput.tokens_per_second(self.state.num_input_tokens_seen)
+            if rate is not None:
+                logs["tokens_per_second"] = round(rate, 1)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -83,6 +92,47 @@ class VLMTrainer(Trainer):
         save_trainable(model, self.processing_class, output_dir, self.description)
         save_config(self.run_config, Path(output_dir) / "train_config.yaml")
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes `tmp-checkpoint-N/` and renames it to `checkpoint-N/` only once it is complete.
+
+        A kill during a save leaves a `tmp-` directory, which `get_last_checkpoint` (regex
+        `^checkpoint-\\d+$`) and the rotation of old checkpoints both ignore; the next save of that
+        step replaces it. Replaces the Trainer's version, which writes in place.
+        """
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final, staging = run_dir / name, run_dir / f"tmp-{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a killed run
+        self.accelerator.wait_for_everyone()  # no rank writes into a directory being removed
+        self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))  # one file per rank
+        if self.args.should_save:
+            stateful = self.state.stateful_callbacks
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    name = type(callback).__name__
+                    if isinstance(stateful.get(name), list):
+                        stateful[name].append(callback.state())
+                    else:
+                        stateful[name] = callback.state()
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank has written its part
+        if self.args.should_save:
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            rotate_checkpoints(
+                str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
@@ -138,4 +188,6 @@ def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool):
         ddp_find_unused_parameters=False,
         gradient_checkpointing=False,  # enabled on the LLM itself (model/trainable.py)
         label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",  # for tokens_per_second
+        deepspeed=t.deepspeed,
     )

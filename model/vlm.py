@@ -20,7 +20,9 @@ class VisionLanguageModel(nn.Module):
     # processes (see docs/ARCHITECTURE.md); this makes it explicit as well.
     accepts_loss_kwargs = False
 
-    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int):
+    def __init__(
+        self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int
+    ):
         super().__init__()
         self.vision = vision
         self.projector = projector

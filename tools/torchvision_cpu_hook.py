@@ -13,6 +13,7 @@ build) it changes nothing. Only torchvision's C++ ops (nms, image decoding) stay
 project uses PIL for decoding and never calls them.
 """
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -56,10 +57,9 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module):
         import os
 
-        try:
+        # Never make torchvision's import worse than it was: any failure here is ignored.
+        with contextlib.suppress(Exception):
             _declare_missing_ops(os.path.dirname(module.__spec__.origin))
-        except Exception:  # never make torchvision's import worse than it was
-            pass
         self._real.exec_module(module)
 
 
