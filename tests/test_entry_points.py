@@ -34,11 +34,37 @@ def train_args(tiny_qwen_dir, tiny_clip_dir, shapes_dir, out_dir, data_path=None
     ]  # fmt: skip
 
 
+SCHEDULE = ["--logging_steps", "1", "--warmup_steps", "1", "--lr_scheduler_type", "linear",
+            "--learning_rate", "1e-3", "--feature_proj_lr", "1e-2"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir, shapes_dir):
+def training_run(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir, shapes_dir):
     out = tmp_path_factory.mktemp("run")
-    train.main(train_args(tiny_qwen_dir, tiny_clip_dir, shapes_dir, out))
-    return out
+    trainer = train.main(train_args(tiny_qwen_dir, tiny_clip_dir, shapes_dir, out) + SCHEDULE)
+    return out, trainer
+
+
+@pytest.fixture(scope="module")
+def trained_dir(training_run):
+    return training_run[0]
+
+
+def test_projector_has_its_own_learning_rate_through_the_schedule(training_run):
+    _, trainer = training_run
+    for group in trainer.optimizer.param_groups:
+        names = {
+            n for n, p in trainer.model.named_parameters() if any(p is q for q in group["params"])
+        }
+        is_projector = group["group_name"] == "projector"
+        assert names and all(n.startswith("projector.") == is_projector for n in names)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    llm = [entry["learning_rate"] for entry in logs]
+    projector = [entry["learning_rate_projector"] for entry in logs]
+    assert len(logs) == 3
+    # Logged after each scheduler step: warmup to the peak in 1 step, then linear decay to 0.
+    assert llm == pytest.approx([1e-3, 5e-4, 0.0])
+    assert projector == pytest.approx([10 * rate for rate in llm])
 
 
 def test_training_writes_small_checkpoints(trained_dir):

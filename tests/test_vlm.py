@@ -149,3 +149,31 @@ def test_text_only_batch_still_touches_the_projector(config):
     out = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     out.loss.backward()
     assert all(p.grad is not None for p in vlm.projector.parameters())
+
+
+def test_multi_image_and_text_only_samples_in_one_batch(config):
+    from dataset.collator import SupervisedCollator
+    from dataset.conversation import encode_conversation
+
+    vlm, tokenizer = build_trainable(config)
+    n = vlm.num_image_tokens
+    turns = [
+        (["user", "assistant"], ["<image>\nleft\n<image>\nright: same colour?", "yes"], 2),
+        (["user", "assistant"], ["just text", "ok"], 0),
+    ]
+    samples = []
+    for roles, contents, images in turns:
+        encoded = encode_conversation(
+            tokenizer, roles, contents, image_token_id=vlm.image_token_id, num_image_tokens=n
+        )
+        pixels = torch.rand(images, 3, 32, 32) if images else None
+        samples.append({"input_ids": torch.tensor(encoded.input_ids),
+                        "labels": torch.tensor(encoded.labels), "pixel_values": pixels})  # fmt: skip
+    batch = SupervisedCollator(tokenizer.pad_token_id)(samples)
+    assert batch["pixel_values"].shape[0] == 2
+    assert int((batch["input_ids"] == vlm.image_token_id).sum()) == 2 * n
+    vlm.train()
+    loss = vlm(**batch).loss
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=str(2 * n)):  # one image too few for the placeholders
+        vlm(**{**batch, "pixel_values": batch["pixel_values"][:1]})
