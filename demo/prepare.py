@@ -16,18 +16,31 @@ logger = logging.getLogger(__name__)
 
 def prepare_demo(root: str | Path = "demo_assets", num_train: int = 20000, num_test: int = 200):
     from demo.shapes import generate_shapes_dataset
-    from demo.tiny_models import save_tiny_clip, save_tiny_qwen
+    from demo.tiny_models import DEMO_QWEN, save_tiny_clip, save_tiny_qwen
 
     root = Path(root)
     qwen_dir, clip_dir = root / "tiny-qwen", root / "tiny-clip"
-    if not (qwen_dir / "config.json").is_file():
+    if not _is_current_tiny_qwen(qwen_dir):
         logger.info("building a tiny random QWen in %s", qwen_dir)
-        save_tiny_qwen(qwen_dir)
+        save_tiny_qwen(qwen_dir, **DEMO_QWEN)
     if not (clip_dir / "config.json").is_file():
         logger.info("building a tiny random CLIP tower in %s", clip_dir)
         save_tiny_clip(clip_dir)
     generate_shapes_dataset(root / "shapes", num_train=num_train, num_test=num_test)
     return root
+
+
+def _is_current_tiny_qwen(qwen_dir: Path) -> bool:
+    """False when missing, or built by an older recipe (e.g. the 0.02 init) and so rebuilt."""
+    import json
+
+    from demo.tiny_models import DEMO_QWEN
+
+    config = qwen_dir / "config.json"
+    if not config.is_file():
+        return False
+    stored = json.loads(config.read_text(encoding="utf-8")).get("initializer_range")
+    return stored == DEMO_QWEN["initializer_range"]
 
 
 def main(argv: list[str] | None = None) -> None:

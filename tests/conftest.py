@@ -11,7 +11,7 @@ import pytest  # noqa: E402 - after the environment is set
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
-    """A tiny random QWen with the real vocabulary and tokenizer (the demo's LLM)."""
+    """A tiny random QWen with the real vocabulary and tokenizer, Qwen's own init (std 0.02)."""
     from demo.tiny_models import save_tiny_qwen
 
     return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
