@@ -57,14 +57,16 @@ def describe(
     }
 
 
+def save_projector_weights(vlm: VisionLanguageModel, out: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in vlm.projector.state_dict().items()}
+    save_file(state, out / PROJECTOR_FILE)
+
+
 def save_trainable(vlm: VisionLanguageModel, tokenizer, out_dir: str | Path, description: dict):
     """Writes the projector, the adapter or full LLM if they trained, the tokenizer and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    projector_state = {
-        k: v.detach().contiguous().cpu() for k, v in vlm.projector.state_dict().items()
-    }
-    save_file(projector_state, out / PROJECTOR_FILE)
+    save_projector_weights(vlm, out)
     weights = [PROJECTOR_FILE]
     if isinstance(vlm.llm, PeftModel):
         vlm.llm.save_pretrained(out / ADAPTER_DIR)
@@ -148,10 +150,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, **load_kwargs)
     vlm.llm.save_pretrained(out / LLM_DIR)
     tokenizer.save_pretrained(out / LLM_DIR)
     tokenizer.save_pretrained(out)
-    projector_state = {
-        k: v.detach().contiguous().cpu() for k, v in vlm.projector.state_dict().items()
-    }
-    save_file(projector_state, out / PROJECTOR_FILE)
+    save_projector_weights(vlm, out)
     merged = {**description, "weights": [PROJECTOR_FILE, LLM_DIR], "merged_from": str(checkpoint)}
     (out / VLM_CONFIG).write_text(json.dumps(merged, indent=2), encoding="utf-8")
     logger.info("merged %s into %s", checkpoint, out)
