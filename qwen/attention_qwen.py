@@ -15,11 +15,26 @@ from .rope_qwen import apply_rotary
 RESIDUAL_PROJECTION_ATTR = "_qwen_residual_projection"
 
 
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Segment index `[B, T]` of packed rows, or None when every row holds one sequence.
+
+    Packed rows concatenate several samples whose positions restart at 0; a new segment starts
+    wherever a position is not its predecessor + 1 (the convention transformers uses for packed
+    `position_ids`, so the same batch isolates samples in any transformers LLM as well).
+    """
+    first = position_ids[:, :1] - 1  # [B, 1]: makes the first step look contiguous
+    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # [B, T]
+    if not bool(starts.any()):
+        return None
+    return starts.cumsum(dim=-1)  # [B, T]
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     query_length: int,
     past_length: int,
     device: torch.device,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean SDPA mask `[B|1, 1, T, K]` (True = attend), or None when SDPA needs no mask.
 
@@ -27,7 +42,14 @@ def build_attention_mask(
     The causal part is by slot: query slot `past_length + i` sees key slots `<= past_length + i`.
     None means: no padding, and either a fresh prompt (SDPA's `is_causal`) or a single decode
     token (which may see every key).
+
+    Packed rows (no `attention_mask`, no cache, `position_ids` restarting inside a row) get a
+    block-diagonal causal mask: a token sees only earlier tokens of its own sample.
     """
+    if attention_mask is None and past_length == 0 and position_ids is not None:
+        segments = packed_segments(position_ids.view(-1, query_length))
+        if segments is not None:
+            return _packed_mask(segments.to(device))
     key_length = past_length + query_length
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (past_length == 0 or query_length == 1):
@@ -50,6 +72,15 @@ def build_attention_mask(
         # (its output is never used: padding carries no loss and is never generated from).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
+
+
+def _packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Causal and same-segment mask `[B, 1, T, T]` from segment indices `[B, T]`."""
+    length = segments.shape[1]
+    slots = torch.arange(length, device=segments.device)
+    causal = slots[None, :] <= slots[:, None]  # [T, T]
+    same = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
+    return (causal[None] & same)[:, None]  # [B, 1, T, T]
 
 
 class QWenAttention(nn.Module):

@@ -86,7 +86,9 @@ class QWenModel(QWenPreTrainedModel):
         rotary, logn = self._position_encoding(
             positions, attention_mask, past_key_values, past_length
         )
-        mask = build_attention_mask(attention_mask, length, past_length, hidden_states.device)
+        mask = build_attention_mask(
+            attention_mask, length, past_length, hidden_states.device, position_ids
+        )
 
         all_hidden: list[torch.Tensor] = []
         for block in self.h:
