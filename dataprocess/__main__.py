@@ -1,4 +1,4 @@
-"""``python -m dataprocess {build,validate,stats,images}``: the data-preparation command line.
+"""``python -m dataprocess {build,validate,stats,images,features}``: the data-preparation CLI.
 
 - ``build --config dataprocess/config.yaml``: convert, sample, merge, validate, write chat.json
   plus ``<output>.report.json`` (and ``<output>.dropped.jsonl`` when records were rejected).
@@ -6,6 +6,9 @@
 - ``stats --data chat.json --num_image_tokens 576``: token lengths with the real Qwen tokenizer
   and a histogram PNG (this one subcommand imports the model stack, hence torch).
 - ``images --data chat.json --image_folder DIR --cache DIR --size 336``: resize into a cache.
+- ``features --data chat.json --image_folder DIR --vision_model M --out DIR``: encode every image
+  once with the frozen tower into a feature cache for ``train.py --feature_cache DIR`` (imports
+  torch and ``visual``; see ``visual/feature_cache.py``).
 
 Exit status 1 when errors remain (``--drop-invalid`` writes the good records and exits 0),
 2 for a bad config, flag or unreadable input.
@@ -69,7 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     _flag(images, "size", type=int, required=True, help="the tower's input size, e.g. 336 or 384")
     _flag(images, "pad", action="store_true", help="pad to a square (mean colour) before resizing")
     _flag(images, "workers", type=int, default=4)
+    _add_features_parser(sub)
     return parser
+
+
+def _add_features_parser(sub: argparse._SubParsersAction) -> None:
+    features = sub.add_parser("features", help="encode every image with a frozen tower (torch)")
+    _flag(features, "data", type=Path, nargs="+", required=True, help="one or more records files")
+    _flag(features, "image_folder", type=Path, required=True)
+    _flag(features, "vision_model", required=True, help="as train.py's --vision_model")
+    _flag(features, "vision_library", default="transformers", choices=("transformers", "open_clip"))
+    _flag(features, "vision_pretrained", help="open_clip pretrained tag or weights file")
+    _flag(features, "vision_feature_layer", type=int, default=-2)
+    _flag(features, "image_aspect_ratio", default="pad", choices=("pad", "resize"))
+    _flag(features, "batch_size", type=int, default=32)
+    _flag(features, "dtype", default="float16", choices=("float16", "float32"), help="storage")
+    _flag(features, "device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    _flag(features, "workers", type=int, default=4, help="image-decoding worker processes")
+    _flag(features, "out", type=Path, required=True, help="the cache directory to create")
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -142,6 +162,44 @@ def _run_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_features(args: argparse.Namespace) -> int:
+    import time
+
+    from dataprocess.process_image import referenced_images
+    from visual import load_vision_tower
+    from visual.feature_cache import FEATURES_FILE, encode_feature_cache
+
+    paths = [p for data in args.data for p in referenced_images(data)]
+    tower = load_vision_tower(
+        args.vision_model,
+        library=args.vision_library,
+        pretrained=args.vision_pretrained,
+        feature_layer=args.vision_feature_layer,
+        image_aspect_ratio=args.image_aspect_ratio,
+        device=args.device,
+    )
+    began = time.perf_counter()
+    out = encode_feature_cache(
+        tower, paths, args.image_folder, args.out,
+        batch_size=args.batch_size, dtype=args.dtype, num_workers=args.workers,
+    )  # fmt: skip
+    seconds = time.perf_counter() - began
+    size = (out / FEATURES_FILE).stat().st_size
+    images = len(set(paths))
+    log.info("%d images -> %s: %.1f MB in %.1f s", images, out, size / 1e6, seconds)
+    result = {
+        "images": images,
+        "shape": [images, tower.num_image_tokens, tower.hidden_size],
+        "dtype": args.dtype,
+        "bytes": size,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / seconds, 1),
+        "cache": str(out),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run one subcommand; returns the exit status."""
     from dataprocess.config import ConfigError
@@ -157,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": _run_validate,
         "stats": _run_stats,
         "images": _run_images,
+        "features": _run_features,
     }
     try:
         return runners[args.command](args)

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -14,6 +14,9 @@ from PIL import Image
 from dataset.conversation import DEFAULT_SYSTEM_PROMPT
 from dataset.loading import load_records
 from dataset.samples import SupervisedDataset, tokenize_records
+
+if TYPE_CHECKING:
+    from visual.feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,11 @@ def build_supervised_dataset(
     check_images: bool = True,
     num_proc: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    feature_cache: FeatureCache | None = None,
 ) -> SupervisedDataset:
     """Validate `path` (raising before training on bad records unless `skip_invalid`),
-    tokenize it (cached) and return the torch dataset. See `load_records` / `tokenize_records`.
+    tokenize it (cached) and return the torch dataset. See `load_records` / `tokenize_records`;
+    with `feature_cache`, samples carry cached tower features (see `SupervisedDataset`).
     """
     records, summary = load_records(
         path,
@@ -58,5 +63,9 @@ def build_supervised_dataset(
         path, summary.total, summary.num_invalid, stats.samples, stats.truncated, stats.dropped,
     )  # fmt: skip
     return SupervisedDataset(
-        samples, image_folder=image_folder, load_image=load_image, preprocess=preprocess
+        samples,
+        image_folder=image_folder,
+        load_image=load_image,
+        preprocess=preprocess,
+        feature_cache=feature_cache,
     )

@@ -4,7 +4,8 @@
 pads with <|endoftext|>, which is also a real token that may appear inside a sample.
 `pixel_values` of all samples are concatenated along dim 0 in sample order, matching the order
 of the image placeholder runs in the flattened `input_ids`; a batch without any image has no
-`pixel_values` key, so text-only batches never reach the vision tower.
+`pixel_values` key, so text-only batches never reach the vision tower. Samples read from a
+feature cache carry `vision_features` [n_img, N, Dv] instead; they are concatenated the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataset.conversation import IGNORE_INDEX
 
 @dataclass
 class SupervisedCollator:
-    """Collate {"input_ids", "labels", "pixel_values" | None} samples into a batch."""
+    """Collate {"input_ids", "labels", "pixel_values" | "vision_features" | None} samples."""
 
     pad_token_id: int
 
@@ -44,7 +45,10 @@ class SupervisedCollator:
             "attention_mask": (torch.arange(max_length)[None, :] < lengths[:, None]).long(),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }  # each [B, L]
-        images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-        if images:
-            batch["pixel_values"] = torch.cat(images, dim=0)  # [n_img_total, 3, H, W]
+        for key in ("pixel_values", "vision_features"):  # [n_img_total, 3, H, W] / [.., N, Dv]
+            images = [s[key] for s in samples if s.get(key) is not None]
+            if images:
+                batch[key] = torch.cat(images, dim=0)
+        if "pixel_values" in batch and "vision_features" in batch:
+            raise ValueError("a batch mixes pixel_values and cached vision_features samples")
         return batch

@@ -9,7 +9,8 @@ and logged.
 
 `SupervisedDataset` turns one row into tensors. Images are decoded and preprocessed by callables
 owned by the vision tower (`visual.load_image`, `tower.preprocess`); this file never does image
-arithmetic itself.
+arithmetic itself. With a `feature_cache` (`visual.feature_cache.FeatureCache`), a sample carries
+the tower's cached output `vision_features` [n_img, N, Dv] instead of `pixel_values`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import pyarrow.compute as pc
@@ -34,6 +35,9 @@ from dataset.conversation import (
     encode_text,
     fit_to_length,
 )
+
+if TYPE_CHECKING:
+    from visual.feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +151,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None}.
 
     `load_image(path) -> PIL.Image` and `preprocess(list[PIL.Image]) -> [n,3,H,W]` come from the
-    vision tower. Image paths are resolved against `image_folder`.
+    vision tower. Image paths are resolved against `image_folder`. With `feature_cache`, images
+    are not decoded: the sample's "vision_features" [n_img, N, Dv] (the frozen tower's output,
+    read from the cache) replaces "pixel_values"; every image must be in the cache.
     """
 
     def __init__(
@@ -157,11 +163,33 @@ class SupervisedDataset(torch.utils.data.Dataset):
         image_folder: str | os.PathLike | None,
         load_image: Callable[[Path], Image.Image],
         preprocess: Callable[[list[Image.Image]], torch.Tensor],
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         self.samples = samples
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.load_image = load_image
         self.preprocess = preprocess
+        self.feature_cache = feature_cache
+        if feature_cache is not None:
+            self._check_cache_covers(feature_cache)
+
+    def _check_cache_covers(self, cache: FeatureCache) -> None:
+        """Fail now, not mid-epoch, when a sample's image has no row in the cache."""
+        images = pc.unique(pc.list_flatten(self.samples.data.column("images"))).to_pylist()
+        missing = cache.missing(images)
+        if not missing:
+            return
+        first = missing[0]
+        record_id = next(
+            row["id"]
+            for row in self.samples.select_columns(["id", "images"])
+            if first in row["images"]
+        )
+        raise ValueError(
+            f"{len(missing)} image(s) of the samples are not in the feature cache {cache.path}, "
+            f"e.g. {first!r} of record {record_id!r}; rebuild the cache with "
+            "`python -m dataprocess features` over these records"
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -191,8 +219,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.samples[index]
-        return {
+        sample = {
             "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),  # [L]
             "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
-            "pixel_values": self._pixel_values(row["id"], row["images"]),
         }
+        if self.feature_cache is None:
+            sample["pixel_values"] = self._pixel_values(row["id"], row["images"])
+        elif row["images"]:
+            sample["vision_features"] = self.feature_cache.features(row["images"])  # [n_img, N, Dv]
+        else:
+            sample["vision_features"] = None
+        return sample

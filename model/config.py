@@ -58,9 +58,16 @@ class DataConfig:
     data_path: str = "demo_assets/shapes/train.json"
     image_folder: str | None = "demo_assets/shapes"
     eval_data_path: str | None = None
+    # A dir from `python -m dataprocess features`: the frozen tower's outputs for every image, read
+    # instead of decoding images and running the tower (it must match the vision settings)
+    feature_cache: str | None = None
     model_max_length: int = 2048
     system_prompt: str = "You are a helpful assistant."
     skip_invalid: bool = False  # skip (and count) bad records instead of stopping
+    # Less padding: batch samples of similar length together (a shuffled length-grouped sampler)
+    group_by_length: bool = False
+    # Pack several samples into rows of model_max_length tokens, isolated from each other
+    packing: bool = False
 
 
 @dataclass
@@ -173,6 +180,12 @@ def validate_config(config: RunConfig) -> None:
     if deepspeed is not None and not Path(deepspeed).is_file():
         raise ValueError(
             f"--deepspeed {deepspeed!r}: no such file (e.g. configs/deepspeed/zero2.json)"
+        )
+    cache = config.data.feature_cache
+    if cache is not None and not Path(cache).is_dir():
+        raise ValueError(
+            f"--feature_cache {cache!r}: no such directory; write one with "
+            "`python -m dataprocess features`"
         )
     if config.language_model.bits == 4 and config.lora.train_mode == "projector+llm":
         raise ValueError(

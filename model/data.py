@@ -1,20 +1,31 @@
 """Connects the data configuration to the dataset package, with the facts the model owns.
 
 The dataset receives ints (`image_token_id`, tokens per image) and callables (the tower's image
-loader and preprocessor); it never recomputes them.
+loader and preprocessor); it never recomputes them. With `feature_cache`, the cache is checked
+against the model's vision tower and the samples carry its features instead of images.
 """
 
 from __future__ import annotations
 
+import logging
+
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
+from dataset.packing import PackedCollator, PackedDataset
 from model.config import DataConfig
 from model.vlm import VisionLanguageModel
 from visual import load_image
+from visual.feature_cache import FeatureCache, tower_cache_settings
+
+logger = logging.getLogger(__name__)
 
 
 def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
     """Returns (train dataset, eval dataset or None, collator). Bad records raise here."""
+    feature_cache = None
+    if config.feature_cache:
+        feature_cache = FeatureCache(config.feature_cache)
+        feature_cache.check_matches(tower_cache_settings(vlm.vision))
 
     def build(path: str):
         return build_supervised_dataset(
@@ -28,8 +39,21 @@ def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
             model_max_length=config.model_max_length,
             system_prompt=config.system_prompt,
             skip_invalid=config.skip_invalid,
+            check_images=feature_cache is None,  # with a cache, the images are never opened
+            feature_cache=feature_cache,
         )
 
     train = build(config.data_path)
     evaluation = build(config.eval_data_path) if config.eval_data_path else None
-    return train, evaluation, SupervisedCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = SupervisedCollator(pad_token_id=tokenizer.pad_token_id)
+    if not config.packing:
+        return train, evaluation, collator
+    train = PackedDataset(train, capacity=config.model_max_length)
+    if evaluation is not None:
+        evaluation = PackedDataset(evaluation, capacity=config.model_max_length)
+    logger.info(
+        "packing: %d samples in %d rows of <= %d tokens (%.1f%% of the slots filled)",
+        len(train.dataset), len(train), config.model_max_length,
+        100 * sum(train.lengths) / (len(train) * config.model_max_length),
+    )  # fmt: skip
+    return train, evaluation, PackedCollator(collator)

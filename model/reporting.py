@@ -9,27 +9,39 @@ from transformers import TrainerCallback
 
 
 class ThroughputCallback(TrainerCallback):
-    """Tokens per second between two logging steps, over all processes.
+    """Tokens per second and the share of time spent waiting for data, between two log lines.
 
     The Trainer counts non-padding tokens itself (`include_num_input_tokens_seen="non_padding"`
     sums `attention_mask` and gathers across ranks); this turns that count into a rate.
-    `VLMTrainer.log` asks for it, because a callback's `on_log` runs after the log line was
-    already stored in `trainer_state.json`.
+    `VLMTrainer` adds the time it blocks on the data loader (`add_data_wait`). `VLMTrainer.log`
+    asks for the figures, because a callback's `on_log` runs after the log line was already
+    stored in `trainer_state.json`.
     """
 
     def __init__(self) -> None:
         self._mark: tuple[float, int] | None = None
+        self._data_wait = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self._data_wait = 0.0
 
-    def tokens_per_second(self, tokens_seen: int) -> float | None:
+    def add_data_wait(self, seconds: float) -> None:
+        self._data_wait += seconds
+
+    def measure(self, tokens_seen: int) -> dict[str, float]:
+        """`tokens_per_second` and `data_wait_fraction` since the previous call (or the start)."""
         if self._mark is None:
-            return None
+            return {}
         now = time.perf_counter()
         then, tokens_then = self._mark
-        self._mark = (now, tokens_seen)
-        return (tokens_seen - tokens_then) / max(now - then, 1e-9)
+        elapsed = max(now - then, 1e-9)
+        figures = {
+            "tokens_per_second": round((tokens_seen - tokens_then) / elapsed, 1),
+            "data_wait_fraction": round(min(self._data_wait / elapsed, 1.0), 4),
+        }
+        self._mark, self._data_wait = (now, tokens_seen), 0.0
+        return figures
 
 
 def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from model.checkpoint import ADAPTER_DIR, LLM_DIR, load_projector_weights, save_trainable
@@ -38,6 +40,24 @@ class VLMTrainer(Trainer):
         self.description = description
         self.throughput = ThroughputCallback()
         self.add_callback(self.throughput)
+
+    def get_batch_samples(self, *args, **kwargs):
+        """The Trainer's batch fetch, timed: the time blocked on the data loader is logged."""
+        start = time.perf_counter()
+        batches = super().get_batch_samples(*args, **kwargs)
+        self.throughput.add_data_wait(time.perf_counter() - start)
+        return batches
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`--group_by_length`: transformers' shuffled length-grouped sampler over the lengths the
+        dataset already knows (the default would load every sample, images included, to count)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.run_config.data.group_by_length:
+            return super()._get_train_sampler(dataset)
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            lengths=dataset.lengths,
+        )
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -79,9 +99,7 @@ class VLMTrainer(Trainer):
                 logs["learning_rate"] = rates[LLM_GROUP]
             if PROJECTOR_GROUP in rates:
                 logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
-            rate = self.throughput.tokens_per_second(self.state.num_input_tokens_seen)
-            if rate is not None:
-                logs["tokens_per_second"] = round(rate, 1)
+            logs.update(self.throughput.measure(self.state.num_input_tokens_seen))
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -39,13 +39,34 @@ class VisionLanguageModel(nn.Module):
         return int(self.projector.num_output_tokens)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.vision(pixel_values)  # [n_img, N, Dv], no grad
+        vision_features = self.vision(pixel_values)  # [n_img, N, Dv], no grad
+        return self.project_features(vision_features)  # [n_img, N', Dl]
+
+    def project_features(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """Tower output (live, or read from a feature cache) `[n_img, N, Dv]` -> `[n_img, N', Dl]`."""
+        expected = (self.vision.num_image_tokens, self.vision.hidden_size)
+        if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
+            raise ValueError(
+                f"vision_features must have shape [n_img, {expected[0]}, {expected[1]}] for this "
+                f"vision tower, got {tuple(vision_features.shape)}"
+            )
         weight = next(self.projector.parameters())
-        image_features = self.projector(features.to(weight.dtype))  # [n_img, N', Dl]
+        image_features = self.projector(vision_features.to(weight.dtype))  # [n_img, N', Dl]
         return image_features.to(self.llm.get_input_embeddings().weight.dtype)
 
-    def _llm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> dict:
-        image_features = None if pixel_values is None else self.encode_images(pixel_values)
+    def _llm_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        vision_features: torch.Tensor | None = None,
+    ) -> dict:
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("pass pixel_values or cached vision_features, not both")
+        image_features = None  # projected, [n_img, N', Dl]
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        elif vision_features is not None:
+            image_features = self.project_features(vision_features)
         if self.native_splice:
             return {"input_ids": input_ids, "image_features": image_features}
         inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, Dl]
@@ -61,10 +82,20 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ):
-        inputs = self._llm_inputs(input_ids, pixel_values)
+        """Training / scoring forward. Packed batches (dataset/packing.py) carry `position_ids`
+        that restart at every sample and no `attention_mask`; the LLM isolates samples from them.
+        Batches read from a feature cache carry `vision_features` (the frozen tower's output,
+        `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs.
+        """
+        inputs = self._llm_inputs(input_ids, pixel_values, vision_features)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
         output = self.llm(**inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
-        if pixel_values is None and self.training and output.loss is not None:
+        no_images = pixel_values is None and vision_features is None
+        if no_images and self.training and output.loss is not None:
             # A batch without images leaves the projector out of the graph; under DDP or ZeRO-3 the
             # ranks would then disagree on which gradients exist and hang. A zero-weighted pass
             # keeps every rank's graph identical without changing the loss.

@@ -73,6 +73,7 @@ def test_stage1_projector_starts_stage2(run_flags, shapes_dir, tmp_path):
     assert (stage1_out / "loss.png").stat().st_size > 1000  # the loss curve was drawn
     losses = [e for e in stage1.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(e["tokens_per_second"] > 0 for e in losses)
+    assert all(0 <= e["data_wait_fraction"] <= 1 for e in losses)
     assert losses[-1]["num_input_tokens_seen"] > 2 * 2 * 10  # non-pad tokens of 2 batches of 2
 
     stage2_flags = run_flags(tmp_path / "stage2", projector_path=stage1_out, max_steps=1)
