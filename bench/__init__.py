@@ -1,0 +1,1 @@
+"""Benchmarks: our VLM against transformers' LLaVA built from the very same weights."""

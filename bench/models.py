@@ -1,0 +1,256 @@
+"""Scale presets and model builders of the benchmark: random weights, real architecture sizes.
+
+A preset names a QWen config and a transformers vision-tower config. `build_ours` builds the VLM
+in memory exactly as `model/builder.py` composes a loaded one (tower in the LLM's dtype, fp32
+projector), with no download and no checkpoint on disk; it also works on the `meta` device,
+which is how the tests check the real sizes. `prepare_models` then builds the reference from the
+same weights and applies the training mode to both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from peft import prepare_model_for_kbit_training
+from torch import nn
+
+from bench.flops import LanguageDims, VisionDims
+from bench.reference_llava import apply_reference_lora, build_reference_llava, copy_weights
+from demo.tiny_models import TINY_QWEN
+from model.builder import load_language_model
+from model.config import LanguageModelConfig, LoraSettings
+from model.projector import build_projector
+from model.trainable import configure_trainable
+from model.vlm import VisionLanguageModel
+from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+from visual.hf_tower import HFVisionTower, default_preprocessor, vision_model_class
+from visual.tower import resolve_feature_layer
+
+logger = logging.getLogger(__name__)
+
+MODES = ("lora", "qlora", "projector")
+QWEN_1_8B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "kv_channels": 128,
+    "intermediate_size": 11008,
+}
+CLIP_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+    "hidden_act": "quick_gelu",
+}
+SIGLIP_SO400M_384 = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 384,
+    "hidden_act": "gelu_pytorch_tanh",
+}
+# demo.tiny_models.save_tiny_clip's tower
+TINY_CLIP = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "patch_size": 8,
+    "image_size": 32,
+}
+
+
+@dataclass(frozen=True)
+class ScalePreset:
+    qwen: dict = field(default_factory=dict)  # QWenConfig overrides of the Qwen-7B defaults
+    vision_type: str = "clip_vision_model"  # or siglip_vision_model
+    vision: dict = field(default_factory=dict)
+    max_length: int = 2048  # default --max_length
+
+
+PRESETS = {
+    "tiny": ScalePreset(qwen=dict(TINY_QWEN), vision=TINY_CLIP, max_length=512),
+    "qwen7b-clip336": ScalePreset(vision=CLIP_L_336),
+    "qwen7b-siglip384": ScalePreset(vision_type="siglip_vision_model", vision=SIGLIP_SO400M_384),
+    "qwen1.8b-clip336": ScalePreset(qwen=QWEN_1_8B, vision=CLIP_L_336),
+}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in `dtype` (a 7B model never exists in fp32 first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def vision_config(preset: ScalePreset):
+    if preset.vision_type == "clip_vision_model":
+        from transformers import CLIPVisionConfig
+
+        return CLIPVisionConfig(**preset.vision)
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**preset.vision)
+
+
+def build_ours(
+    preset: ScalePreset, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+) -> VisionLanguageModel:
+    """Random-weight VLM: QWen + CLIP/SigLIP (feature layer -2) in `dtype`, fp32 projector."""
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        llm = QWenLMHeadModel(QWenConfig(**preset.qwen))
+        tower_config = vision_config(preset)
+        tower_model = vision_model_class(tower_config.model_type)(tower_config)
+    llm.config.use_cache = False
+    preprocessor = default_preprocessor(tower_config, "pad")
+    vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2)
+    with torch.device(device):
+        projector = build_projector(
+            "mlp2x_gelu", vision.hidden_size, llm.config.hidden_size, vision.num_image_tokens
+        )
+    return VisionLanguageModel(vision, projector, llm, llm.config.image_token_id)
+
+
+def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:
+    """The sizes bench.flops needs, read from the built model's configs."""
+    tower = vlm.vision.model.config
+    config = vlm.llm.config
+    feature_index = resolve_feature_layer(vlm.vision.feature_layer, tower.num_hidden_layers)
+    vision = VisionDims(
+        hidden_size=tower.hidden_size,
+        intermediate_size=tower.intermediate_size,
+        layers_used=tower.num_hidden_layers + 1 + feature_index,
+        patch_size=tower.patch_size,
+        image_tokens=vlm.vision.num_image_tokens,
+        class_token=vlm.vision.drop_class_token,
+    )
+    language = LanguageDims(
+        hidden_size=config.hidden_size,
+        mlp_width=config.intermediate_size // 2,
+        layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+    )
+    return vision, language
+
+
+def prepare_models(
+    preset: ScalePreset,
+    *,
+    mode: str,
+    impls: list[str],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    lora: LoraSettings,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+) -> tuple[dict[str, nn.Module], VisionLanguageModel]:
+    """Models ready to train, keyed by impl, on identical weights; and our VLM (for its sizes).
+
+    `mode`: lora (LoRA on the LLM + projector), qlora (the same on a 4-bit NF4 base), projector
+    (stage 1: the projector alone). `lora.train_mode` is set from `mode`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    vlm = build_ours(preset, device=device, dtype=dtype, seed=seed)
+    vlm.train()
+    reference = build_reference_llava(vlm) if "reference" in impls else None
+    if mode == "qlora":
+        reference = quantize_models(vlm, reference, dtype, device)
+    settings = replace(lora, train_mode="projector" if mode == "projector" else "projector+lora")
+    torch.manual_seed(seed)  # the same LoRA A init in every run
+    configure_trainable(
+        vlm, settings, quantized=mode == "qlora", gradient_checkpointing=gradient_checkpointing
+    )
+    models: dict[str, nn.Module] = {"ours": vlm} if "ours" in impls else {}
+    if reference is not None:
+        models["reference"] = configure_reference(
+            reference, mode, settings, gradient_checkpointing, vlm.vision.dtype, seed
+        )
+    return models, vlm
+
+
+def configure_reference(
+    llava: nn.Module,
+    mode: str,
+    settings: LoraSettings,
+    gradient_checkpointing: bool,
+    vision_dtype: torch.dtype,
+    seed: int = 0,
+) -> nn.Module:
+    """The reference's counterpart of model/trainable.py::configure_trainable."""
+    if mode == "qlora":
+        llava = prepare_model_for_kbit_training(
+            llava,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        # prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32; ours applies it
+        # to the LLM only, so the tower goes back to the run's dtype.
+        llava.model.vision_tower.to(vision_dtype)
+    elif gradient_checkpointing:
+        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llava.train()
+    llava.model.vision_tower.eval()
+    if mode == "projector":
+        llava.requires_grad_(False)
+        llava.model.multi_modal_projector.requires_grad_(True)
+        return llava
+    torch.manual_seed(seed)
+    return apply_reference_lora(
+        llava, settings.lora_rank, settings.lora_alpha, settings.lora_dropout
+    )
+
+
+def quantize_models(
+    vlm: VisionLanguageModel,
+    reference: nn.Module | None,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> nn.Module | None:
+    """Swap both LLMs for 4-bit NF4 copies of their weights (through a temporary checkpoint,
+    the way QLoRA loads); towers and projectors keep their exact weights and dtypes."""
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-") as tmp:
+        qwen_dir = Path(tmp) / "qwen"
+        vlm.llm.save_pretrained(qwen_dir)
+        QWenTokenizer().save_pretrained(qwen_dir)
+        config = LanguageModelConfig(language_model=str(qwen_dir), dtype=dtype_name, bits=4)
+        vlm.llm = load_language_model(config)[0]
+        if reference is None:
+            return None
+        reference.save_pretrained(Path(tmp) / "llava")
+        del reference
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        )
+        reference = LlavaForConditionalGeneration.from_pretrained(
+            Path(tmp) / "llava",
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": str(device)},
+        )
+    # from_pretrained loaded the fp32 projector in `dtype`: restore our exact weights.
+    copy_weights(vlm.projector, reference.model.multi_modal_projector)
+    return reference

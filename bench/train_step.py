@@ -1,0 +1,309 @@
+"""Training-step benchmark: our VLM against transformers' LLaVA on identical weights and batches.
+
+python -m bench.train_step --scale tiny --steps 20 --warmup 3 --batch_size 8 [--mode projector]
+python -m bench.train_step --scale qwen7b-clip336 --batch_size 4 --gradient-checkpointing
+
+The second is for a GPU: both 7B models are resident at once (2 x 15 GiB in bf16).
+
+Weights are random (no download). For each round, every implementation runs one step on the
+same synthetic batch (ours, then the reference); the first `--warmup` rounds are not timed.
+Reported per implementation: median step time, throughput, padding, memory (see
+bench/measure.py for what is measured), the first step's loss (identical weights, so both must
+agree), achieved model TFLOP/s and MFU (bench/flops.py counts the useful FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.batches import batch_stats, synthetic_batches
+from bench.flops import peak_tflops_for, step_flops
+from bench.measure import (
+    MEMORY_NOTE,
+    StepResult,
+    make_optimizer,
+    resident_bytes,
+    train_step,
+    trainable_parameters,
+)
+from bench.models import MODES, PRESETS, model_dims, prepare_models
+from model.config import LoraSettings
+
+logger = logging.getLogger("bench.train_step")
+
+IMPLS = ("ours", "reference")
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--impl", choices=[*IMPLS, "both"], default="both")
+    parser.add_argument("--mode", choices=MODES, default="lora")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=None, help="default: the scale's")
+    parser.add_argument("--lora_rank", type=int, default=64)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        "--gradient_checkpointing",
+        dest="gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="default: by GPU name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--steps and --batch_size must be >= 1, --warmup >= 0")
+    if args.max_length is None:
+        args.max_length = PRESETS[args.scale].max_length
+    return args
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype; refuses combinations that cannot run (named by flag)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    if args.mode == "qlora" and device.type != "cuda":
+        raise ValueError(
+            f"--mode qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); the device is {device}"
+        )
+    if args.scale != "tiny" and device.type != "cuda":
+        raise ValueError(
+            f"--scale {args.scale} builds a real-size model and is meant for a GPU; "
+            f"the device is {device} (use --scale tiny on a CPU)"
+        )
+    return device, dtype
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Build, run the paired rounds, return the results (see `summarize`)."""
+    device, dtype = resolve_device(args)
+    preset = PRESETS[args.scale]
+    impls = list(IMPLS) if args.impl == "both" else [args.impl]
+    lora = LoraSettings(
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout
+    )
+    models, vlm = prepare_models(
+        preset,
+        mode=args.mode,
+        impls=impls,
+        device=device,
+        dtype=dtype,
+        lora=lora,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+    )
+    batches = synthetic_batches(
+        args.warmup + args.steps,
+        args.batch_size,
+        num_image_tokens=vlm.num_image_tokens,
+        image_size=vlm.vision.image_size,
+        max_length=args.max_length,
+        image_token_id=vlm.image_token_id,
+        seed=args.seed,
+    )
+    stats = [batch_stats(batch) for batch in batches]
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    optimizers = {impl: make_optimizer(model, args.lr) for impl, model in models.items()}
+    autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
+    steps = run_rounds(models, optimizers, batches, autocast)
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and device.type == "cuda":
+        peak_tflops = peak_tflops_for(device_name(device))
+    flops_config = {"mode": args.mode, "lora_rank": args.lora_rank, "dims": model_dims(vlm)}
+    per_impl = {
+        impl: impl_summary(
+            impl,
+            steps[impl],
+            stats,
+            args,
+            resident=resident_bytes(model, optimizers[impl]),
+            trainable=trainable_parameters(model),
+            flops_config=flops_config,
+            peak_tflops=peak_tflops,
+        )
+        for impl, model in models.items()
+    }
+    return summarize(args, device, dtype, stats, per_impl, steps)
+
+
+def run_rounds(
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    batches: list[dict[str, torch.Tensor]],
+    autocast: torch.dtype | None,
+) -> dict[str, list[StepResult]]:
+    """Each round runs every implementation once on the same batch: ours, then the reference."""
+    steps: dict[str, list[StepResult]] = {impl: [] for impl in models}
+    for round_index, batch in enumerate(batches):
+        for impl, model in models.items():
+            steps[impl].append(train_step(model, optimizers[impl], batch, autocast))
+        logger.info(
+            "round %d/%d: %s",
+            round_index + 1,
+            len(batches),
+            ", ".join(f"{i} {s[-1].seconds:.3f}s loss {s[-1].loss:.4f}" for i, s in steps.items()),
+        )
+    return steps
+
+
+def impl_summary(
+    impl: str,
+    steps: list[StepResult],
+    stats: list[dict],
+    args: argparse.Namespace,
+    *,
+    resident: int,
+    trainable: int,
+    flops_config: dict,
+    peak_tflops: float | None,
+) -> dict:
+    """Median step time, throughput over the timed window, memory, first loss, TFLOP/s, MFU."""
+    timed, timed_stats = steps[args.warmup :], stats[args.warmup :]
+    seconds = sum(step.seconds for step in timed)
+    vision, language = flops_config["dims"]
+    rank = 0 if flops_config["mode"] == "projector" else flops_config["lora_rank"]
+    flops = sum(
+        step_flops(vision, language, batch, impl=impl, lora_rank=rank)["total"]
+        for batch in timed_stats
+    )
+    transient = max(step.transient_peak_bytes for step in timed)
+    achieved = flops / seconds / 1e12
+    return {
+        "median_step_s": statistics.median(step.seconds for step in timed),
+        "samples_per_s": args.batch_size * len(timed) / seconds,
+        "tokens_per_s": sum(batch["tokens"] for batch in timed_stats) / seconds,
+        "padding_fraction": statistics.fmean(b["padding_fraction"] for b in timed_stats),
+        "step_transient_peak_gib": transient / GIB,
+        "resident_gib": resident / GIB,
+        "peak_memory_gib": (resident + transient) / GIB,
+        "first_loss": steps[0].loss,
+        "losses": [step.loss for step in steps],
+        "step_seconds": [step.seconds for step in timed],
+        "trainable_parameters": trainable,
+        "model_tflop_per_step": flops / len(timed) / 1e12,
+        "achieved_tflops": achieved,
+        "mfu": achieved / peak_tflops if peak_tflops else None,
+        "peak_tflops": peak_tflops,
+    }
+
+
+def summarize(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    stats: list[dict],
+    per_impl: dict[str, dict],
+    steps: dict[str, list[StepResult]],
+) -> dict:
+    """The JSON document: setup, batch statistics, per-impl results, paired comparisons."""
+    timed_stats = stats[args.warmup :]
+    results = {
+        "config": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": str(device),
+            "device_name": device_name(device),
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "batches": {
+            "padding_fraction": statistics.fmean(b["padding_fraction"] for b in timed_stats),
+            "tokens_per_step": statistics.fmean(b["tokens"] for b in timed_stats),
+            "supervised_tokens_per_step": statistics.fmean(
+                b["supervised_tokens"] for b in timed_stats
+            ),
+            "longest_sequence": max(max(b["sequence_lengths"]) for b in timed_stats),
+        },
+        "impls": per_impl,
+        "first_loss_max_abs_diff": None,
+        "median_step_ratio_ours_over_reference": None,
+        "memory_note": MEMORY_NOTE["cuda" if device.type == "cuda" else "cpu"],
+    }
+    if len(per_impl) == 2:
+        ours, reference = steps["ours"], steps["reference"]
+        results["first_loss_max_abs_diff"] = abs(ours[0].loss - reference[0].loss)
+        ratios = [a.seconds / b.seconds for a, b in zip(ours, reference, strict=True)]
+        results["median_step_ratio_ours_over_reference"] = statistics.median(ratios[args.warmup :])
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table plus the paired comparisons."""
+    config = results["config"]
+    lines = [
+        f"scale {config['scale']}, mode {config['mode']}, batch {config['batch_size']}, "
+        f"max_length {config['max_length']}, {config['steps']} steps after {config['warmup']} "
+        f"warmup, gradient checkpointing {config['gradient_checkpointing']}, "
+        f"{config['dtype']} on {config['device_name']}",
+        "",
+        "| impl | median step (s) | samples/s | tokens/s | padding | peak mem (GiB) "
+        "| first loss | model TFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for impl, r in results["impls"].items():
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(
+            f"| {impl} | {r['median_step_s']:.4f} | {r['samples_per_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | {r['padding_fraction']:.3f} "
+            f"| {r['peak_memory_gib']:.2f} | {r['first_loss']:.6f} "
+            f"| {r['achieved_tflops']:.3f} | {mfu} |"
+        )
+    if results["first_loss_max_abs_diff"] is not None:
+        lines += [
+            "",
+            f"first-step loss max |ours - reference|: {results['first_loss_max_abs_diff']:.3e}",
+            "median paired step-time ratio ours/reference: "
+            f"{results['median_step_ratio_ours_over_reference']:.3f}",
+        ]
+    lines.append(f"memory: {results['memory_note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the table (and write --out / --markdown); return the results."""
+    args = parse_args(argv)
+    results = run_benchmark(args)
+    table = markdown_table(results)
+    print(table)
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.markdown is not None:
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        main()
+    except ValueError as error:  # a bad flag combination: one clear line, no traceback
+        logger.error("%s", error)
+        sys.exit(2)
