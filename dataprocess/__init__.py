@@ -1,6 +1,7 @@
 """Raw corpora -> canonical records in the LLaVA ``chat.json`` schema (no torch needed).
 
-Entry point: ``python -m dataprocess {build,validate,stats,images}``; see ``dataprocess/README.md``.
+Entry point: ``python -m dataprocess {build,validate,stats,images,features}``; see
+``dataprocess/README.md`` (``stats`` and ``features`` import torch; the rest never does).
 The record schema lives in :mod:`dataprocess.schema`.
 """
 
