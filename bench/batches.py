@@ -14,7 +14,8 @@ import math
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from dataset.conversation import IGNORE_INDEX
+
 PAD_TOKEN_ID = 151643  # <|endoftext|>, Qwen's padding token
 REGULAR_VOCAB = 151643  # ids below this are ordinary BPE tokens (never the image placeholder)
 SUPERVISED_FRACTION = 0.3  # the assistant's share of a sample's text tokens

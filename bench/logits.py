@@ -21,7 +21,7 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from dataset.conversation import IGNORE_INDEX
 from demo.tiny_models import TINY_QWEN
@@ -44,11 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def full_logits_loss(model: QWenLMHeadModel, input_ids, labels) -> torch.Tensor:
-    """The transformers way: logits at every position `[B, T, V]`, fp32 cross-entropy."""
+    """The transformers way: logits at every position `[B, T, V]`, then transformers' own causal
+    LM loss (`ForCausalLMLoss`: fp32 upcast, shift, cross-entropy)."""
     hidden = model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden).float()  # [B, T, V]
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B*(T-1), V]
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    logits = model.lm_head(hidden)  # [B, T, V]
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
 
 
 def run_variant(args: argparse.Namespace) -> dict:

@@ -20,7 +20,7 @@ import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from bench.batches import llava_like_lengths
-from dataset.packing import padding_fraction, plan_packs
+from dataset.packing import pack_lengths, padding_fraction, plan_packs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,12 +46,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
     random_order = torch.randperm(len(lengths), generator=generator).tolist()
     grouped_order = get_length_grouped_indices(lengths, args.batch_size, generator=generator)
     packs = plan_packs(lengths, args.max_length)
-    pack_lengths = [sum(lengths[i] for i in pack) for pack in packs]
+    bin_lengths = pack_lengths(lengths, packs)
     pack_order = torch.randperm(len(packs), generator=generator).tolist()
     grouped_packs = get_length_grouped_indices(
-        pack_lengths, args.pack_batch_size, generator=generator
+        bin_lengths, args.pack_batch_size, generator=generator
     )
-    unpacked, packed = (lengths, args.batch_size), (pack_lengths, args.pack_batch_size)
+    unpacked, packed = (lengths, args.batch_size), (bin_lengths, args.pack_batch_size)
     rows = [
         ("random batches", *unpacked, random_order),
         ("--group_by_length", *unpacked, grouped_order),

@@ -55,6 +55,15 @@ def plan_packs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def pack_lengths(lengths: Sequence[int], packs: Sequence[Sequence[int]]) -> list[int]:
+    """Total token length of every bin."""
+    if not packs:
+        return []
+    sizes = np.asarray(lengths, dtype=np.int64)[np.concatenate(packs)]  # in bin order
+    starts = np.cumsum([0] + [len(pack) for pack in packs[:-1]])
+    return np.add.reduceat(sizes, starts).tolist()
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """One item = one bin of `plan_packs`: its samples concatenated, positions restarting."""
 
@@ -63,7 +72,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.capacity = capacity
         sample_lengths = dataset.lengths
         self.packs = plan_packs(sample_lengths, capacity)
-        self._lengths = [sum(sample_lengths[i] for i in pack) for pack in self.packs]
+        self._lengths = pack_lengths(sample_lengths, self.packs)
 
     def __len__(self) -> int:
         return len(self.packs)

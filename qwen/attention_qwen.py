@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.masking_utils import find_packed_sequence_indices
 
 from .configuration_qwen import QWenConfig
 from .rope_qwen import apply_rotary
@@ -13,20 +14,6 @@ from .rope_qwen import apply_rotary
 # Marks the c_proj linears that write into the residual stream; they get the smaller init
 # N(0, initializer_range / sqrt(2 * num_hidden_layers)).
 RESIDUAL_PROJECTION_ATTR = "_qwen_residual_projection"
-
-
-def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Segment index `[B, T]` of packed rows, or None when every row holds one sequence.
-
-    Packed rows concatenate several samples whose positions restart at 0; a new segment starts
-    wherever a position is not its predecessor + 1 (the convention transformers uses for packed
-    `position_ids`, so the same batch isolates samples in any transformers LLM as well).
-    """
-    first = position_ids[:, :1] - 1  # [B, 1]: makes the first step look contiguous
-    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # [B, T]
-    if not bool(starts.any()):
-        return None
-    return starts.cumsum(dim=-1)  # [B, T]
 
 
 def build_attention_mask(
@@ -44,10 +31,13 @@ def build_attention_mask(
     token (which may see every key).
 
     Packed rows (no `attention_mask`, no cache, `position_ids` restarting inside a row) get a
-    block-diagonal causal mask: a token sees only earlier tokens of its own sample.
+    block-diagonal causal mask: a token sees only earlier tokens of its own sample. Segments are
+    found by transformers' own rule (`find_packed_sequence_indices`: a new one starts wherever a
+    position is not its predecessor + 1), so one packed batch isolates samples in any
+    transformers LLM as well.
     """
     if attention_mask is None and past_length == 0 and position_ids is not None:
-        segments = packed_segments(position_ids.view(-1, query_length))
+        segments = find_packed_sequence_indices(position_ids.view(-1, query_length))  # [B, T]
         if segments is not None:
             return _packed_mask(segments.to(device))
     key_length = past_length + query_length

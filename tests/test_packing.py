@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import find_packed_sequence_indices
 
 import train
 from bench.batches import llava_like_lengths
 from dataset.collator import SupervisedCollator
 from dataset.conversation import IGNORE_INDEX
-from dataset.packing import PackedCollator, pack_samples, plan_packs
+from dataset.packing import PackedCollator, pack_lengths, pack_samples, plan_packs
 from qwen import QWenConfig, QWenLMHeadModel
-from qwen.attention_qwen import build_attention_mask, packed_segments
+from qwen.attention_qwen import build_attention_mask
 
 PAD = 0  # the tiny test models have 1,000 ids; masks come from lengths, not from PAD
 
@@ -33,7 +34,7 @@ def test_plan_packs_places_every_sample_once_within_capacity():
     packs = plan_packs(lengths, 2048)
     flat = sorted(i for pack in packs for i in pack)
     assert flat == list(range(len(lengths)))
-    assert max(sum(lengths[i] for i in pack) for pack in packs) <= 2048
+    assert max(pack_lengths(lengths, packs)) <= 2048
     assert plan_packs(lengths, 2048) == packs  # deterministic
     with pytest.raises(ValueError, match="sample 1 has 30 tokens.*capacity 20"):
         plan_packs([5, 30], 20)
@@ -62,13 +63,13 @@ def test_packed_collator_restarts_positions_and_isolates_tail_padding():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1]]
     assert batch["labels"][0, 0] == IGNORE_INDEX and batch["labels"][0, 4] == IGNORE_INDEX
     assert (batch["labels"][1, 5:] == IGNORE_INDEX).all()
-    segments = packed_segments(batch["position_ids"])
+    segments = find_packed_sequence_indices(batch["position_ids"])
     assert segments.tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
 
 
 def test_unpacked_positions_need_no_mask():
     positions = torch.arange(6)[None]
-    assert packed_segments(positions) is None
+    assert find_packed_sequence_indices(positions) is None
     assert build_attention_mask(None, 6, 0, torch.device("cpu"), positions) is None
 
 
