@@ -4,6 +4,9 @@
     python test.py --model_weights outputs/demo --image_path img.png --chat      # turns from stdin
     python test.py --model_weights outputs/demo --data_path test.json --image_folder imgs \
         --output_file answers.json                                                # exact match
+
+Every answer goes through `runtime.inference.InferenceSession`: the prompt for each turn is the
+whole conversation so far, rendered exactly as training renders it.
 """
 
 from __future__ import annotations
@@ -18,98 +21,145 @@ logger = logging.getLogger("test")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from model.config import DTYPE_NAMES
+    from runtime.inference import GenerationSettings
+
     p = argparse.ArgumentParser(description="Prompt-test a trained vision-language model.")
     p.add_argument("--model_weights", "--checkpoint", required=True, help="training output dir")
     p.add_argument("--language_model", "--base_language_model", help="override the base LLM path")
     p.add_argument("--vision_model", "--base_value_model", help="override the vision tower path")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="load base weights other than the ones the checkpoint was trained on")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--image_path", help="an image file, or a folder: every image in it")
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--chat", action="store_true", help="multi-turn chat, one user turn per line")
     p.add_argument("--data_path", help="held-out records: answer each, report exact match")
     p.add_argument("--image_folder", help="image root for --data_path")
+    p.add_argument("--allow_outside_image_folder", action="store_true",
+                   help="let records name absolute image paths or paths with '..'")  # fmt: skip
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="skip (and count) records or files whose image does not load")  # fmt: skip
     p.add_argument("--output_file", help="where evaluation answers and the score are written")
     p.add_argument("--system_prompt", help="default: the one recorded at training time")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    GenerationSettings.add_flags(p)
     return p.parse_args(argv)
 
 
-def run_prompts(args, vlm, tokenizer, settings, system_prompt) -> None:
-    from model.inference import answer, image_files, with_image_marker
+def check_args(args) -> None:
+    """Everything that can be checked before the model loads."""
+    from runtime.inference import check_system_prompt
+    from runtime.outputs import check_output_file
+
+    if args.output_file:
+        check_output_file(args.output_file, "--output_file")
+    if args.system_prompt is not None:
+        check_system_prompt(args.system_prompt)
+    if args.data_path and not Path(args.data_path).is_file():
+        raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise FileNotFoundError(f"--image_folder {args.image_folder}: no such directory")
+    if not args.data_path and not args.image_path and "<image>" in args.prompt:
+        raise ValueError("--prompt contains <image> but no --image_path was given")
+
+
+def run_prompts(args, session) -> None:
+    from runtime.inference import image_files, with_image_marker
+    from visual import ImageLoadError
 
     images = image_files(args.image_path) if args.image_path else [None]
     for image in images:
         picture = [image] if image is not None else []
         roles, contents = ["user"], [with_image_marker(args.prompt, len(picture))]
-        reply = answer(vlm, tokenizer, roles, contents, picture, settings, system_prompt)
-        print(f"{image or '(no image)'}\t{reply}" if args.image_path else reply)
+        try:
+            reply = session.answer(roles, contents, picture)
+        except ImageLoadError as error:
+            if not args.skip_bad_images:
+                raise ValueError(f"{error} (pass --skip_bad_images to skip it)") from None
+            logger.warning("skipped: %s", error)
+            continue
+        print(f"{image or '(no image)'}\t{reply}" if args.image_path else reply, flush=True)
         if not args.chat:
             continue
         for line in sys.stdin:  # each further line is the next user turn about the same image
             roles += ["assistant", "user"]
             contents += [reply, line.rstrip("\n")]
-            reply = answer(vlm, tokenizer, roles, contents, picture, settings, system_prompt)
+            reply = session.answer(roles, contents, picture)
             print(reply, flush=True)
 
 
-def run_evaluation(args, vlm, tokenizer, settings, system_prompt) -> dict:
-    from dataprocess.schema import iter_raw_records, parse_record
-    from model.inference import answer, exact_match
+def run_evaluation(args, session) -> dict:
+    """Answer every record's last user turn (the earlier turns as history), score exact match.
+    Answers are written to `--output_file` as they come, so an interrupted run keeps them."""
+    from dataprocess.schema import confined_image_path, iter_raw_records, parse_record
+    from runtime.inference import exact_match
+    from visual import ImageLoadError
 
-    folder = Path(args.image_folder) if args.image_folder else None
-    results = []
+    folder = Path(args.image_folder) if args.image_folder else Path(".")
+    results, skipped = [], []
     for index, raw in iter_raw_records(args.data_path):
         record = parse_record(raw, source=str(args.data_path), index=index)
         turns = [t for t in record.turns if t.role != "system"]
-        system = next((t.content for t in record.turns if t.role == "system"), system_prompt)
-        images = [(folder or Path(".")) / name for name in record.images]
+        system = next((t.content for t in record.turns if t.role == "system"), None)
+        outside = args.allow_outside_image_folder
+        try:
+            images = [confined_image_path(folder, n, allow_outside=outside) for n in record.images]
+        except ValueError as error:
+            raise ValueError(f"{args.data_path}, record {record.id!r}: {error}") from None
         reference = turns[-1].content
         roles, contents = [t.role for t in turns[:-1]], [t.content for t in turns[:-1]]
-        prediction = answer(vlm, tokenizer, roles, contents, images, settings, system)
+        try:
+            prediction = session.answer(roles, contents, images, system_prompt=system)
+        except ImageLoadError as error:
+            message = f"{args.data_path}, record {record.id!r}: {error}"
+            if not args.skip_bad_images:
+                _write_report(args, results, skipped)
+                raise ValueError(f"{message} (pass --skip_bad_images to skip it)") from None
+            logger.warning("skipped %s", message)
+            skipped.append({"id": record.id, "error": str(error)})
+            continue
         correct = exact_match(prediction, reference)
         results.append({"id": record.id, "prediction": prediction, "reference": reference,
                         "correct": correct})  # fmt: skip
+        _write_report(args, results, skipped)
     if not results:
         raise ValueError(f"--data_path {args.data_path}: no records to evaluate")
-    accuracy = sum(r["correct"] for r in results) / len(results)
+    report = _write_report(args, results, skipped)
+    correct = sum(r["correct"] for r in results)
+    print(f"exact match: {report['exact_match']:.1%} ({correct}/{len(results)})"
+          + (f", {len(skipped)} skipped" if skipped else ""))  # fmt: skip
+    return report
+
+
+def _write_report(args, results: list[dict], skipped: list[dict]) -> dict:
+    from runtime.outputs import write_text_atomic
+
+    accuracy = sum(r["correct"] for r in results) / len(results) if results else 0.0
     report = {"data_path": str(args.data_path), "num_records": len(results),
-              "exact_match": accuracy, "answers": results}  # fmt: skip
+              "exact_match": accuracy, "skipped": skipped, "answers": results}  # fmt: skip
     if args.output_file:
-        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_file).write_text(json.dumps(report, ensure_ascii=False, indent=1), "utf-8")
-    print(f"exact match: {accuracy:.1%} ({sum(r['correct'] for r in results)}/{len(results)})")
+        write_text_atomic(args.output_file, json.dumps(report, ensure_ascii=False, indent=1))
     return report
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    from model.checkpoint import load_vlm
-    from model.inference import GenerationSettings
+    from runtime.inference import GenerationSettings, InferenceSession
 
-    vlm, tokenizer, description = load_vlm(
+    settings = GenerationSettings.from_args(args)
+    check_args(args)
+    session = InferenceSession.from_checkpoint(
         args.model_weights,
+        system_prompt=args.system_prompt,
+        settings=settings,
         language_model=args.language_model,
         vision_model=args.vision_model,
         dtype=args.dtype,
+        allow_other_base=args.allow_other_base,
     )
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-    )
-    system_prompt = args.system_prompt or description.get("system_prompt")
-    system_prompt = system_prompt or "You are a helpful assistant."
     if args.data_path:
-        return run_evaluation(args, vlm, tokenizer, settings, system_prompt)
-    run_prompts(args, vlm, tokenizer, settings, system_prompt)
+        return run_evaluation(args, session)
+    run_prompts(args, session)
     return None
 
 

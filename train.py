@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.config import add_config_flags, flag_overrides, load_config
+from runtime.config import add_config_flags, flag_overrides, load_config
 
 logger = logging.getLogger("train")
 
@@ -52,15 +52,14 @@ def main(argv: list[str] | None = None):
     config = parse_args(argv)
     from transformers.trainer_utils import get_last_checkpoint
 
-    from model.builder import resolve_dtype
-    from model.checkpoint import describe
-    from model.data import build_datasets
-    from model.reporting import plot_loss_curve
-    from model.trainer import VLMTrainer, training_arguments
+    from model.checkpoint import describe, save_description
+    from model.config import resolve_dtype
+    from runtime.config import save_config
+    from runtime.data import build_datasets
+    from runtime.reporting import plot_loss_curve
+    from runtime.trainer import VLMTrainer, training_arguments
 
     vlm, tokenizer = build_model(config)
-    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
-    dtype = resolve_dtype(config.language_model.dtype)
     description = describe(
         vlm,
         config.language_model,
@@ -68,6 +67,11 @@ def main(argv: list[str] | None = None):
         config.projector,
         system_prompt=config.data.system_prompt,
     )
+    if int(os.environ.get("RANK", "0")) == 0:  # a run that dies early still says what it was
+        save_config(config, Path(config.training.output_dir) / "train_config.yaml")
+        save_description(description, config.training.output_dir)
+    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
+    dtype = resolve_dtype(config.language_model.dtype)
     trainer = VLMTrainer(
         model=vlm,
         args=training_arguments(config, dtype, has_eval=eval_data is not None),

@@ -23,9 +23,8 @@ from torch import nn
 from bench.flops import LanguageDims, VisionDims
 from bench.reference_llava import apply_reference_lora, build_reference_llava, copy_weights
 from demo.tiny_models import TINY_QWEN
-from model.builder import load_language_model
-from model.config import LanguageModelConfig, LoraSettings
-from model.projector import build_projector
+from model.builder import compose_vlm, load_language_model
+from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig
 from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
 from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
@@ -121,10 +120,7 @@ def build_ours(
     preprocessor = default_preprocessor(tower_config, "pad")
     vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2)
     with torch.device(device):
-        projector = build_projector(
-            "mlp2x_gelu", vision.hidden_size, llm.config.hidden_size, vision.num_image_tokens
-        )
-    return VisionLanguageModel(vision, projector, llm, llm.config.image_token_id)
+        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"))
 
 
 def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:

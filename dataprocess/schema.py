@@ -12,6 +12,7 @@ turn of raw ShareGPT data, for example) is a converter's job, where it can be lo
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +285,23 @@ def record_to_json(record: Record) -> dict:
         {"from": _ROLE_TO_LLAVA[turn.role], "value": turn.content} for turn in record.turns
     ]
     return out
+
+
+def confined_image_path(folder: str | Path, name: str, *, allow_outside: bool = False) -> Path:
+    """``folder/name``, refusing absolute paths and ``..`` escapes unless ``allow_outside``.
+
+    Symbolic links inside the folder are followed as usual (image folders are often links to a
+    shared disk); only the path as written must stay inside. Raises RecordError kind
+    ``image_outside_folder``; the caller adds the record id.
+    """
+    folder = Path(folder)
+    joined = Path(os.path.normpath(folder / name))
+    root = Path(os.path.abspath(folder))
+    inside = not Path(name).is_absolute() and root in Path(os.path.abspath(joined)).parents
+    if not inside and not allow_outside:
+        raise RecordError(
+            f"image path {name!r} leaves the image folder {folder} (absolute or '..'); "
+            "pass --allow_outside_image_folder to allow it",
+            kind="image_outside_folder",
+        )
+    return joined

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataprocess.schema import IMAGE_MARKER
-from qwen.chat_format import role_block_ids
+from qwen.chat_format import DEFAULT_SYSTEM_PROMPT, role_block_ids
 from qwen.tokenization_qwen import QWenTokenizer
 
 IGNORE_INDEX = -100
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -176,7 +175,10 @@ def encode_prompt(
     including "<|im_start|>assistant\\n", so inference sees exactly what training saw."""
     if not roles or roles[-1] != "user":
         raise ValueError(f"a prompt must end with a user turn, got roles {list(roles)}")
-    # Render with an empty assistant turn and drop its <|im_end|>: one layout, one code path.
+    # Render the history plus an empty assistant turn, then drop that turn's <|im_end|>: one
+    # layout, one code path, and every earlier turn kept (the prompt for turn k is the training
+    # rendering of turns 1..k-1, user turn k and the assistant header).
+    blocks = ChatBlocks.build(tokenizer)
     encoded = encode_conversation(
         tokenizer,
         [*roles, "assistant"],
@@ -184,8 +186,10 @@ def encode_prompt(
         image_token_id=image_token_id,
         num_image_tokens=num_image_tokens,
         system_prompt=system_prompt,
+        blocks=blocks,
     )
-    return encoded.input_ids[: encoded.first_label]
+    _, suffix = blocks.roles["assistant"]
+    return encoded.input_ids[: len(encoded.input_ids) - len(suffix)]
 
 
 def fit_to_length(sample: EncodedConversation, max_length: int) -> EncodedConversation | None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from demo.tiny_towers import save_tiny_clip_tower
 from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
-from visual.tiny import save_tiny_clip_tower
 
 TINY_QWEN = {
     "vocab_size": 151936,

@@ -7,28 +7,18 @@ tokenizer, Dl from `llm.config`, N and Dv from the vision tower.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import qwen  # noqa: F401 - registers model_type "qwen" with the Auto classes
-from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
+from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.projector import build_projector
 from model.vlm import VisionLanguageModel
 from visual import load_vision_tower
 
 logger = logging.getLogger(__name__)
-
-QWEN_IMAGE_TOKEN = "<|extra_0|>"
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bf16 on a GPU that has it, else fp32 (CPU training in bf16 is slow)."""
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
 
 def load_tokenizer(path: str):
     config = AutoConfig.from_pretrained(path)
@@ -45,7 +35,7 @@ def image_token_id_for(tokenizer, llm_config, image_token: str | None) -> int:
                 f"--image_token is required for model_type {llm_config.model_type!r} "
                 "(a single special token of its vocabulary, e.g. '<|image_pad|>' for Qwen2.5)"
             )
-        image_token = QWEN_IMAGE_TOKEN
+        image_token = qwen.IMAGE_TOKEN
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     unk = getattr(tokenizer, "unk_token_id", None)
     if not isinstance(token_id, int) or token_id == unk or token_id >= llm_config.vocab_size:
@@ -54,8 +44,16 @@ def image_token_id_for(tokenizer, llm_config, image_token: str | None) -> int:
 
 
 def load_language_model(config: LanguageModelConfig, path: str | None = None):
-    """Returns (llm, tokenizer, image_token_id)."""
+    """Returns (llm, tokenizer); a path that is neither a model directory nor a hub id that can
+    be fetched names the flag."""
     path = path or config.language_model
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"--language_model {path}: not a model directory (config.json) and not a hub id "
+            f"that can be fetched here ({type(error).__name__})"
+        ) from None
     dtype = resolve_dtype(config.dtype)
     kwargs: dict = {"dtype": dtype}
     if config.bits == 4:
@@ -68,17 +66,25 @@ def load_language_model(config: LanguageModelConfig, path: str | None = None):
             bnb_4bit_compute_dtype=dtype,
         )
     llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = load_tokenizer(path)
-    image_token_id = image_token_id_for(tokenizer, llm.config, config.image_token)
-    if llm.config.model_type == "qwen":
-        llm.config.image_token_id = image_token_id
     llm.config.use_cache = False
-    return llm, tokenizer, image_token_id
+    return llm, load_tokenizer(path)
 
 
 def load_vision(config: VisionConfig, dtype: torch.dtype, path: str | None = None):
+    path = path or config.vision_model
+    is_open_clip_name = config.vision_library == "open_clip" and not any(
+        path.startswith(prefix) for prefix in ("local-dir:", "/", ".")
+    )
+    if not is_open_clip_name and "://" not in path and not Path(path).exists():
+        try:
+            AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise FileNotFoundError(
+                f"--vision_model {path}: not a model directory and not a hub id that can be "
+                f"fetched here ({type(error).__name__})"
+            ) from None
     return load_vision_tower(
-        path or config.vision_model,
+        path,
         library=config.vision_library,
         pretrained=config.vision_pretrained,
         feature_layer=config.vision_feature_layer,
@@ -98,14 +104,25 @@ def make_projector(config: ProjectorConfig, vision, llm) -> torch.nn.Module:
     )
 
 
+def compose_vlm(
+    llm, tokenizer, vision, projector_config: ProjectorConfig, image_token: str | None = None
+) -> VisionLanguageModel:
+    """The one composition step: placeholder id from the tokenizer, a fresh projector sized from
+    the tower and `llm.config` (fp32: its master weights), the three parts in one module."""
+    image_token_id = image_token_id_for(tokenizer, llm.config, image_token)
+    if llm.config.model_type == "qwen":
+        llm.config.image_token_id = image_token_id
+    projector = make_projector(projector_config, vision, llm)
+    return VisionLanguageModel(vision, projector, llm, image_token_id)
+
+
 def build_vlm(
     language: LanguageModelConfig, vision_config: VisionConfig, projector_config: ProjectorConfig
 ):
-    """Returns (VisionLanguageModel, tokenizer). The projector is fp32 (its master weights)."""
-    llm, tokenizer, image_token_id = load_language_model(language)
+    """Returns (VisionLanguageModel, tokenizer), loaded from the configured paths."""
+    llm, tokenizer = load_language_model(language)
     vision = load_vision(vision_config, resolve_dtype(language.dtype))
-    projector = make_projector(projector_config, vision, llm)
-    vlm = VisionLanguageModel(vision, projector, llm, image_token_id)
+    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
     logger.info(
         "VLM: %s (%d image tokens, Dv=%d) -> %s -> %s (Dl=%d)",
         vision_config.vision_model,

@@ -1,29 +1,35 @@
 """Small, self-describing checkpoints: only what trained, plus what is needed to rebuild the rest.
 
 A checkpoint directory holds
-- `vlm_config.json`: base model paths, vision settings (feature layer, aspect ratio),
-  projector kind, `image_token_id`, tokens per image, and which weight files are present;
+- `vlm_config.json`: base model paths (absolute where they were local directories), vision
+  settings (feature layer, aspect ratio), projector kind, `image_token_id`, tokens per image, a
+  fingerprint of the frozen base weights, and which weight files are present;
 - `projector.safetensors`;
 - `adapter/` (peft LoRA, safetensors) when LoRA trained, or `language_model/` (a full
   `save_pretrained` directory in the original checkpoint layout) when the LLM trained fully or
   the adapter was merged;
 - the tokenizer files and, for training runs, `train_config.yaml`.
-Frozen weights (vision tower, base LLM) are never copied.
+Frozen weights (vision tower, base LLM) are never copied. A damaged file, a shape that does not fit
+the rebuilt model, or base weights other than the ones trained on raise `CheckpointError` naming
+the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from model.builder import load_language_model, load_vision, make_projector, resolve_dtype
-from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
+from model.builder import compose_vlm, load_language_model, load_vision
+from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
@@ -31,7 +37,32 @@ logger = logging.getLogger(__name__)
 VLM_CONFIG = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
+ADAPTER_FILE = "adapter_model.safetensors"
 LLM_DIR = "language_model"
+FORMAT = "qwen-vlm-checkpoint/1"
+_FINGERPRINT_VALUES = 1 << 16  # values hashed from each fingerprinted tensor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged, or does not fit the model it is loaded into."""
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of a frozen model's identity: the first values of its first parameter (the
+    input embedding or patch embedding), rounded to bf16 so fp32 / bf16 / 4-bit loads of the same
+    weights agree (quantized linears are never the first parameter)."""
+    param = next(iter(module.parameters()))  # names differ under peft wrappers; values do not
+    values = param.detach().reshape(-1)[:_FINGERPRINT_VALUES].to("cpu", torch.bfloat16)
+    digest = hashlib.sha256(str(tuple(param.shape)).encode())
+    digest.update(values.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resolved(path: str | None) -> str | None:
+    """A local path made absolute (so the checkpoint loads from any cwd); hub ids unchanged."""
+    if path is not None and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
 
 
 def describe(
@@ -43,8 +74,12 @@ def describe(
     system_prompt: str,
     weights: list[str] = (),
 ) -> dict:
+    """The checkpoint's `vlm_config.json`; call it before training changes any weight."""
+    language = dataclasses.replace(language, language_model=_resolved(language.language_model))
+    vision = dataclasses.replace(vision, vision_model=_resolved(vision.vision_model))
+    projector = dataclasses.replace(projector, projector_path=_resolved(projector.projector_path))
     return {
-        "format": "qwen-vlm-checkpoint/1",
+        "format": FORMAT,
         "system_prompt": system_prompt,
         "language_model": dataclasses.asdict(language),
         "vision": dataclasses.asdict(vision),
@@ -53,8 +88,18 @@ def describe(
         "num_image_tokens": vlm.num_image_tokens,
         "vision_hidden_size": vlm.vision.hidden_size,
         "llm_hidden_size": vlm.llm.config.hidden_size,
+        "base_fingerprint": {
+            "language_model": weights_fingerprint(vlm.llm),
+            "vision": weights_fingerprint(vlm.vision),
+        },
         "weights": list(weights),
     }
+
+
+def save_description(description: dict, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / VLM_CONFIG).write_text(json.dumps(description, indent=2), encoding="utf-8")
 
 
 def save_projector_weights(vlm: VisionLanguageModel, out: Path) -> None:
@@ -75,22 +120,76 @@ def save_trainable(vlm: VisionLanguageModel, tokenizer, out_dir: str | Path, des
         vlm.llm.save_pretrained(out / LLM_DIR)
         weights.append(LLM_DIR)
     tokenizer.save_pretrained(out)
-    description = {**description, "weights": weights}
-    (out / VLM_CONFIG).write_text(json.dumps(description, indent=2), encoding="utf-8")
+    save_description({**description, "weights": weights}, out)
 
 
 def read_description(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / VLM_CONFIG
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
+    path = checkpoint / VLM_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint of this toolkit (no {VLM_CONFIG})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: damaged ({error})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} description")
+    return description
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """`load_file` with the damaged-file case named (truncated downloads, interrupted copies)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({error})") from None
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """`load_state_dict` whose shape mismatch names the file (another rank, another width)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        detail = str(error).split("\n", 1)[-1].strip()
+        raise CheckpointError(f"{path}: does not fit this model: {detail}") from None
 
 
 def load_projector_weights(vlm: VisionLanguageModel, checkpoint: str | Path) -> None:
     path = Path(checkpoint) / PROJECTOR_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --projector_path must be a training output dir")
-    vlm.projector.load_state_dict(load_file(path))
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no such directory (expected {PROJECTOR_FILE} in it)")
+    load_state(vlm.projector, read_safetensors(path), path)
+
+
+def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
+    """The base LLM wrapped with the trained LoRA adapter, or CheckpointError naming the file."""
+    read_safetensors(adapter_dir / ADAPTER_FILE)  # names a damaged file before peft reads it
+    try:
+        return PeftModel.from_pretrained(llm, adapter_dir)
+    except (RuntimeError, ValueError, OSError) as error:
+        detail = str(error).split("\n", 1)[-1].strip()
+        raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None
+
+
+def check_base(description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool):
+    """Compare the loaded base weights with the fingerprint recorded at training time."""
+    recorded = description.get("base_fingerprint") or {}
+    parts = {"vision": vlm.vision, **({"language_model": vlm.llm} if llm else {})}
+    for part, module in parts.items():
+        if part not in recorded or weights_fingerprint(module) == recorded[part]:
+            continue
+        message = (
+            f"the {part} weights differ from the ones this checkpoint was trained on "
+            f"(fingerprint {weights_fingerprint(module)} vs {recorded[part]}); its answers "
+            "would be confident garbage"
+        )
+        if not allow_other:
+            raise CheckpointError(f"{message}. Pass --allow_other_base to load it anyway")
+        logger.warning("%s (--allow_other_base given: loading anyway)", message.upper())
 
 
 def load_vlm(
@@ -100,63 +199,40 @@ def load_vlm(
     vision_model: str | None = None,
     dtype: str = "auto",
     bits: int = 16,
+    allow_other_base: bool = False,
 ):
     """Rebuilds a trained VLM. Returns (vlm, tokenizer, description).
 
     `language_model` / `vision_model` override the base paths recorded at training time (a
     checkpoint trained on one machine, loaded on another). A checkpoint whose LLM was merged or
-    fully trained carries its own `language_model/` directory and ignores the override.
+    fully trained carries its own `language_model/` directory and ignores the override. Base
+    weights whose fingerprint differs from the recorded one are refused unless `allow_other_base`.
     """
     checkpoint = Path(checkpoint)
     description = read_description(checkpoint)
     language = LanguageModelConfig(**description["language_model"])
     language.dtype, language.bits = dtype, bits
     weights = description["weights"]
-    llm_path = str(checkpoint / LLM_DIR) if LLM_DIR in weights else language_model
-    llm, tokenizer, image_token_id = load_language_model(language, path=llm_path)
-    if image_token_id != description["image_token_id"]:
-        raise ValueError(
-            f"{checkpoint}: trained with image_token_id {description['image_token_id']}, "
-            f"but the language model's tokenizer gives {image_token_id}"
-        )
+    own_llm = LLM_DIR in weights
+    llm_path = str(checkpoint / LLM_DIR) if own_llm else language_model
+    llm, tokenizer = load_language_model(language, path=llm_path)
     vision_config = VisionConfig(**description["vision"])
     vision = load_vision(vision_config, resolve_dtype(dtype), path=vision_model)
-    projector = make_projector(ProjectorConfig(**description["projector"]), vision, llm)
-    vlm = VisionLanguageModel(vision, projector, llm, image_token_id)
+    projector_config = ProjectorConfig(**description["projector"])
+    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
+    if vlm.image_token_id != description["image_token_id"]:
+        raise CheckpointError(
+            f"{checkpoint}: trained with image_token_id {description['image_token_id']}, "
+            f"but the language model's tokenizer gives {vlm.image_token_id}"
+        )
+    check_base(description, vlm, llm=not own_llm, allow_other=allow_other_base)
     load_projector_weights(vlm, checkpoint)
     if ADAPTER_DIR in weights:
-        vlm.llm = PeftModel.from_pretrained(llm, checkpoint / ADAPTER_DIR)
+        vlm.llm = load_adapter(llm, checkpoint / ADAPTER_DIR)
     if vlm.num_image_tokens != description["num_image_tokens"]:
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint}: trained with {description['num_image_tokens']} tokens per image, "
             f"the rebuilt vision tower + projector give {vlm.num_image_tokens}"
         )
     vlm.eval()
     return vlm, tokenizer, description
-
-
-def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, **load_kwargs) -> Path:
-    """Applies `merge_and_unload` and writes a directory that loads without peft.
-
-    The base LLM is loaded in 16/32-bit even when training used 4-bit QLoRA, so the merged
-    weights come from the original checkpoint rather than from dequantized 4-bit ones.
-    """
-    load_kwargs = {**load_kwargs, "bits": 16}
-    vlm, tokenizer, description = load_vlm(checkpoint, **load_kwargs)
-    if isinstance(vlm.llm, PeftModel):
-        vlm.llm = vlm.llm.merge_and_unload()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vlm.llm.save_pretrained(out / LLM_DIR)
-    tokenizer.save_pretrained(out / LLM_DIR)
-    tokenizer.save_pretrained(out)
-    save_projector_weights(vlm, out)
-    merged = {**description, "weights": [PROJECTOR_FILE, LLM_DIR], "merged_from": str(checkpoint)}
-    (out / VLM_CONFIG).write_text(json.dumps(merged, indent=2), encoding="utf-8")
-    logger.info("merged %s into %s", checkpoint, out)
-    return out
-
-
-def trainable_state(vlm: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Every trainable tensor by name (for tests and resume checks)."""
-    return {n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad}

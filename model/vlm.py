@@ -70,10 +70,9 @@ class VisionLanguageModel(nn.Module):
         if self.native_splice:
             return {"input_ids": input_ids, "image_features": image_features}
         inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, Dl]
-        if image_features is not None or bool((input_ids == self.image_token_id).any()):
-            inputs_embeds = splice_image_features(
-                inputs_embeds, input_ids, image_features, self.image_token_id
-            )
+        inputs_embeds = splice_image_features(
+            inputs_embeds, input_ids, image_features, self.image_token_id
+        )
         return {"inputs_embeds": inputs_embeds}
 
     def forward(

@@ -9,9 +9,10 @@ from .chat_format import chat_stop_ids, make_context
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
 from .splice import splice_image_features
-from .tokenization_qwen import QWenTokenizer
+from .tokenization_qwen import IMAGE_TOKEN, QWenTokenizer
 
 __all__ = [
+    "IMAGE_TOKEN",
     "QWenConfig",
     "QWenLMHeadModel",
     "QWenModel",

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from qwen.chat_format import chat_stop_ids, make_context
+from qwen.chat_format import DEFAULT_SYSTEM_PROMPT, chat_stop_ids, make_context
 from qwen.modeling_qwen import QWenLMHeadModel
 from qwen.tokenization_qwen import QWenTokenizer
 
@@ -36,7 +36,7 @@ def reply(model, tokenizer, query: str, history: list[tuple[str, str]], system: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Chat with a Qwen-7B(-Chat) directory.")
     parser.add_argument("--model", required=True, help="local checkpoint directory or hub id")
-    parser.add_argument("--system", default="You are a helpful assistant.")
+    parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT)
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--do_sample", action="store_true", help="sample (top_p 0.8) not greedy")
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from .tokenization_qwen import IM_END, IM_START, QWenTokenizer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 CHAT_FORMATS = ("chatml", "raw")
 
 
@@ -56,7 +56,7 @@ def make_context(
     tokenizer: QWenTokenizer,
     query: str,
     history: Sequence[tuple[str, str]] | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str = DEFAULT_SYSTEM_PROMPT,
     max_window_size: int = 6144,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:

@@ -61,7 +61,9 @@ class QWenConfig(PretrainedConfig):
     scale_attn_weights: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
-    image_token_id: int = 151646
+    # Set by the VLM builder from the tokenizer (`tokenization_qwen.IMAGE_TOKEN`); None in a
+    # plain Qwen-7B config, whose forward then takes no image_features.
+    image_token_id: int | None = None
     # Accepted for compatibility with the released files; ignored by the native model.
     bf16: bool = False
     fp16: bool = False

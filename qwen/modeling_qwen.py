@@ -69,7 +69,9 @@ class QWenModel(QWenPreTrainedModel):
         `position_ids` are given. `input_ids` may accompany `inputs_embeds` only to locate the
         image placeholders.
         """
-        hidden_states = self.drop(self._embed(input_ids, inputs_embeds, image_features))
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        embeds = self._embed(input_ids, inputs_embeds, image_features if prefill else None, prefill)
+        hidden_states = self.drop(embeds)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError(
@@ -117,13 +119,25 @@ class QWenModel(QWenPreTrainedModel):
         input_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         image_features: torch.Tensor | None,
+        prefill: bool,
     ) -> torch.Tensor:
-        """Token embeddings `[B, T, H]` with image rows spliced at the placeholder ids."""
+        """Token embeddings `[B, T, H]` with image rows spliced at the placeholder ids.
+
+        On the prefill step placeholders and feature rows must agree in number (none of either is
+        fine); decode steps take generated tokens as text, whatever their id.
+        """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("QWenModel.forward: pass input_ids or inputs_embeds.")
             inputs_embeds = self.wte(input_ids)  # [B, T, H]
-        if image_features is None:
+        if self.config.image_token_id is None:
+            if image_features is not None:
+                raise ValueError(
+                    "QWenModel.forward: image_features given but config.image_token_id is None; "
+                    "set it to the tokenizer's placeholder id (qwen.IMAGE_TOKEN)."
+                )
+            return inputs_embeds
+        if not prefill or (image_features is None and input_ids is None):
             return inputs_embeds
         return splice_image_features(
             inputs_embeds, input_ids, image_features, self.config.image_token_id

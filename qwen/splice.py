@@ -13,13 +13,14 @@ import torch
 def splice_image_features(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor | None,
-    image_features: torch.Tensor,
+    image_features: torch.Tensor | None,
     image_token_id: int,
 ) -> torch.Tensor:
     """Return a copy of `inputs_embeds [B, T, H]` with image rows at the placeholder positions.
 
     `image_features` is `[n_img, N, H]` or `[M, H]`; its rows (flattened, in order) go to the
     positions where `input_ids == image_token_id`, in row-major (batch, then time) order.
+    `image_features=None` means no images: then there must be no placeholders either.
     Gradients flow to `image_features` (and to `inputs_embeds` at the other positions).
 
     Raises:
@@ -37,6 +38,8 @@ def splice_image_features(
             f"inputs_embeds shape {tuple(inputs_embeds.shape)} in its first two dims."
         )
     hidden_size = inputs_embeds.shape[-1]
+    if image_features is None:
+        image_features = inputs_embeds.new_zeros(0, hidden_size)  # [0, H]: no images
     if image_features.ndim not in (2, 3) or image_features.shape[-1] != hidden_size:
         raise ValueError(
             f"splice_image_features: image_features must be [n_img, N, {hidden_size}] or "
@@ -51,6 +54,8 @@ def splice_image_features(
             f"(image_token_id={image_token_id}) but there are {rows.shape[0]} image feature rows "
             f"(image_features shape {tuple(image_features.shape)})."
         )
+    if num_positions == 0:
+        return inputs_embeds
     rows = rows.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
     # masked_scatter fills True positions in row-major order, which is the order of the rows.
     mask = placeholder.unsqueeze(-1).expand_as(inputs_embeds)  # [B, T, H]

@@ -47,6 +47,9 @@ ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 NUM_EXTRA_TOKENS = 205
+# The image placeholder of the Qwen-7B VLMs (this toolkit and Qwen-VL's splice): the first unused
+# control token. Its id comes from the vocabulary file (151646 with the released one).
+IMAGE_TOKEN = "<|extra_0|>"
 # Order fixes the ids: they follow straight after the BPE ranks.
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END) + tuple(
     f"<|extra_{i}|>" for i in range(NUM_EXTRA_TOKENS)

@@ -14,9 +14,9 @@ import train
 from dataprocess.__main__ import main as dataprocess_main
 from dataprocess.process_image import referenced_images
 from model.builder import build_vlm
-from model.config import load_config
-from model.data import build_datasets
 from model.trainable import configure_trainable
+from runtime.config import load_config
+from runtime.data import build_datasets
 from visual import VisionTower, load_image, load_vision_tower
 from visual.feature_cache import FeatureCache, encode_feature_cache, tower_cache_settings
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import TRAIN_MODES, load_config
+from model.config import TRAIN_MODES
+from runtime.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))

@@ -13,11 +13,12 @@ from bench.reference_llava import (
     build_reference_llava,
     reference_projector,
 )
+from demo.tiny_towers import save_tiny_siglip_tower
 from model.builder import build_vlm
-from model.config import LoraSettings, load_config
+from model.config import LoraSettings
 from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
-from visual.tiny import save_tiny_siglip_tower
+from runtime.config import load_config
 
 PAD_ID = 151643  # <|endoftext|>
 LENGTHS = (40, 29)  # two samples of different lengths, right-padded

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model.checkpoint import describe, load_vlm, merge_checkpoint, save_trainable
-from model.data import build_datasets
+from model.checkpoint import describe, load_vlm, save_trainable
+from runtime.data import build_datasets
+from runtime.merge import merge_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

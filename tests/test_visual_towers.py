@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visual import VisionTower, load_vision_tower
-from visual.tiny import (
+from demo.tiny_towers import (
     register_tiny_timm_siglip,
     save_tiny_clip_tower,
     save_tiny_open_clip_tower,
     save_tiny_siglip_tower,
 )
+from visual import VisionTower, load_vision_tower
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,11 @@ import torch
 from peft import PeftModel
 
 from model.builder import build_vlm
-from model.checkpoint import describe, load_vlm, merge_checkpoint, save_trainable
-from model.config import load_config
-from model.data import build_datasets
+from model.checkpoint import describe, load_vlm, save_trainable
 from model.trainable import configure_trainable, lora_target_regex
+from runtime.config import load_config
+from runtime.data import build_datasets
+from runtime.merge import merge_checkpoint
 
 
 def make_config(tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path, **overrides):

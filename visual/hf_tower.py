@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from visual.preprocessing import (
+    DEFAULT_ASPECT_RATIO,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     SIGLIP_MEAN,
@@ -123,7 +124,7 @@ def default_preprocessor(vision_config: Any, image_aspect_ratio: str) -> ImagePr
 def load_hf_tower(
     name_or_path: str,
     feature_layer: int = -2,
-    image_aspect_ratio: str = "resize",
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> HFVisionTower:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visual.preprocessing import pads_to_square
+from visual.preprocessing import DEFAULT_ASPECT_RATIO, pads_to_square
 from visual.tower import VisionTower
 
 LIBRARIES = ("transformers", "open_clip")
@@ -14,7 +14,7 @@ def load_vision_tower(
     name_or_path: str,
     library: str = "transformers",
     feature_layer: int = -2,
-    image_aspect_ratio: str = "resize",
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     pretrained: str | None = None,

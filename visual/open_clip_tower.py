@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visual.preprocessing import ImagePreprocessor, pads_to_square
+from visual.preprocessing import DEFAULT_ASPECT_RATIO, ImagePreprocessor, pads_to_square
 from visual.tower import VisionTower, resolve_feature_layer
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_open_clip_tower(
     name_or_path: str,
     pretrained: str | None = None,
     feature_layer: int = -2,
-    image_aspect_ratio: str = "resize",
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> OpenClipVisionTower:

@@ -20,6 +20,8 @@ from PIL import Image
 from visual.image_io import to_rgb
 
 ASPECT_RATIOS = ("resize", "pad")
+# LLaVA-1.5's choice: pad to a square with the mean colour, so nothing is cropped away.
+DEFAULT_ASPECT_RATIO = "pad"
 
 # Defaults used only when a checkpoint ships no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -24,8 +24,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from model.checkpoint import ADAPTER_DIR, LLM_DIR, load_projector_weights, save_trainable
-from model.config import RunConfig, save_config
-from model.reporting import ThroughputCallback
+from runtime.config import RunConfig, save_config
+from runtime.reporting import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
 from dataset.packing import PackedCollator, PackedDataset
-from model.config import DataConfig
 from model.vlm import VisionLanguageModel
+from runtime.config import DataConfig
 from visual import load_image
 from visual.feature_cache import FeatureCache, tower_cache_settings
 
