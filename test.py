@@ -119,8 +119,8 @@ def run_evaluation(args, session) -> dict:
             skipped.append({"id": record.id, "error": str(error)})
             continue
         correct = exact_match(prediction, reference)
-        results.append({"id": record.id, "prediction": prediction, "reference": reference,
-                        "correct": correct})  # fmt: skip
+        results.append({"id": record.id, "turns": len(turns) // 2, "prediction": prediction,
+                        "reference": reference, "correct": correct})  # fmt: skip
         _write_report(args, results, skipped)
     if not results:
         raise ValueError(f"--data_path {args.data_path}: no records to evaluate")
@@ -128,18 +128,29 @@ def run_evaluation(args, session) -> dict:
     correct = sum(r["correct"] for r in results)
     print(f"exact match: {report['exact_match']:.1%} ({correct}/{len(results)})"
           + (f", {len(skipped)} skipped" if skipped else ""))  # fmt: skip
+    if len(report["exact_match_by_turns"]) > 1:
+        groups = report["exact_match_by_turns"].items()
+        print("by questions asked: " + ", ".join(f"{n}: {acc:.1%}" for n, acc in groups))
     return report
 
 
 def _write_report(args, results: list[dict], skipped: list[dict]) -> dict:
     from runtime.outputs import write_text_atomic
 
-    accuracy = sum(r["correct"] for r in results) / len(results) if results else 0.0
+    by_turns: dict[str, list[bool]] = {}
+    for result in results:
+        by_turns.setdefault(str(result["turns"]), []).append(result["correct"])
     report = {"data_path": str(args.data_path), "num_records": len(results),
-              "exact_match": accuracy, "skipped": skipped, "answers": results}  # fmt: skip
+              "exact_match": _mean([r["correct"] for r in results]),
+              "exact_match_by_turns": {n: _mean(c) for n, c in sorted(by_turns.items())},
+              "skipped": skipped, "answers": results}  # fmt: skip
     if args.output_file:
         write_text_atomic(args.output_file, json.dumps(report, ensure_ascii=False, indent=1))
     return report
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict | None:

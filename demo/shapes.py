@@ -2,7 +2,9 @@
 
 Every answer can only be read off the image (colour, shape kind, or quadrant), and answers are
 short fixed strings ("red", "circle", "top left"; "红色", "圆形", "左上"), so exact-match accuracy
-is a meaningful score. Output, in the LLaVA chat.json schema:
+is a meaningful score. About 30% of the records ask two or three questions in a row, each about
+another attribute: evaluation answers a record's last question with the earlier turns as history,
+so a model (or a prompt builder) that answers the first question instead scores wrong. Output, in the LLaVA chat.json schema:
 
     out_dir/images/{split}_{index:06d}.png
     out_dir/train.json, out_dir/test.json   records {"id", "image", "conversations"}
@@ -27,7 +29,10 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 # Bump when the drawing or the questions change, so old outputs are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# Share of records that ask two or three questions in a row (each about another attribute), so
+# the demo learns, and its evaluation checks, that a follow-up is answered, not the first question.
+MULTI_TURN_SHARE = 0.3
 
 # name -> (RGB, Chinese answer). Saturated colours far from the light-grey background.
 COLORS: dict[str, tuple[tuple[int, int, int], str]] = {
@@ -145,6 +150,20 @@ class ShapesConfig:
     version: int = GENERATOR_VERSION
 
 
+def _conversation(rng: random.Random, spec: ShapeSpec) -> list[dict[str, str]]:
+    """One to three questions about different attributes, in one language; the image comes
+    with the first question."""
+    turns = 1 if rng.random() >= MULTI_TURN_SHARE else rng.choice((2, 3))
+    lang = rng.choice(("en", "zh"))
+    conversation = []
+    for position, attribute in enumerate(rng.sample(list(QUESTIONS), k=turns)):
+        question = rng.choice(QUESTIONS[attribute][lang])
+        prefix = "<image>\n" if position == 0 else ""
+        conversation.append({"from": "human", "value": prefix + question})
+        conversation.append({"from": "gpt", "value": answer_for(spec, attribute, lang)})
+    return conversation
+
+
 def _write_split(out_dir: Path, split: str, count: int, config: ShapesConfig, seed: int) -> None:
     rng = random.Random(seed)
     noise_rng = np.random.default_rng(seed)
@@ -157,17 +176,11 @@ def _write_split(out_dir: Path, split: str, count: int, config: ShapesConfig, se
             noise = noise_rng.integers(-config.noise, config.noise + 1, size=shape, dtype=np.int16)
         name = f"images/{split}_{index:06d}.png"
         draw_spec(spec, config.image_size, noise).save(out_dir / name, compress_level=1)
-        attribute = rng.choice(list(QUESTIONS))
-        lang = rng.choice(("en", "zh"))
-        question = rng.choice(QUESTIONS[attribute][lang])
         records.append(
             {
                 "id": f"shapes_{split}_{index:06d}",
                 "image": name,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + question},
-                    {"from": "gpt", "value": answer_for(spec, attribute, lang)},
-                ],
+                "conversations": _conversation(rng, spec),
             }
         )
     # A JSON list with one record per line: valid chat.json, and still readable with `head`.

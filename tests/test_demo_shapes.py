@@ -58,6 +58,12 @@ def test_records_are_valid_llava_records(generated: Path):
     assert {r.turns[0].content.startswith("<image>\n") for r in records} == {True}
     questions = " ".join(r.turns[0].content for r in records)
     assert "color" in questions and "颜色" in questions  # both languages appear
+    turns = [len(r.turns) // 2 for r in records]
+    assert set(turns) == {1, 2, 3} and 0.15 < sum(t > 1 for t in turns) / len(turns) < 0.45
+    for record in records:  # follow-ups ask about other attributes, so their answers differ
+        answers = [t.content for t in record.turns if t.role == "assistant"]
+        assert len({_ANSWERS[a][0] for a in answers}) == len(answers), record.id
+        assert all("<image>" not in t.content for t in record.turns[1:]), record.id
 
 
 def _shape_mask(image: Image.Image) -> np.ndarray:
@@ -82,10 +88,11 @@ def _classify_shape(mask: np.ndarray) -> str:
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_answers_match_the_pixels(generated: Path, split: str):
     records = json.loads((generated / f"{split}.json").read_text(encoding="utf-8"))
-    for record in records:
+    answers = [(r, turn["value"]) for r in records for turn in r["conversations"][1::2]]
+    for record, answer in answers:
         image = Image.open(generated / record["image"]).convert("RGB")
         mask = _shape_mask(image)
-        attribute, value = _ANSWERS[record["conversations"][1]["value"]]
+        attribute, value = _ANSWERS[answer]
         if attribute == "color":
             colours = {tuple(p) for p in np.asarray(image)[mask]}
             assert colours == {COLORS[value][0]}, record["id"]
