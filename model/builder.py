@@ -20,6 +20,7 @@ from visual import load_vision_tower
 
 logger = logging.getLogger(__name__)
 
+
 def load_tokenizer(path: str):
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "qwen":

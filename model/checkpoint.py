@@ -161,7 +161,9 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 def load_projector_weights(vlm: VisionLanguageModel, checkpoint: str | Path) -> None:
     path = Path(checkpoint) / PROJECTOR_FILE
     if not Path(checkpoint).is_dir():
-        raise FileNotFoundError(f"{checkpoint}: no such directory (expected {PROJECTOR_FILE} in it)")
+        raise FileNotFoundError(
+            f"{checkpoint}: no such directory (expected {PROJECTOR_FILE} in it)"
+        )
     load_state(vlm.projector, read_safetensors(path), path)
 
 

@@ -126,9 +126,7 @@ def test_chat_answers_every_follow_up_with_the_whole_history(
     assert "Which shape?" in prompts[2] and prompts[2].startswith(prompts[1])
 
 
-def test_evaluation_asks_each_records_last_question(
-    checkpoint, shapes_dir, tmp_path, monkeypatch
-):
+def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_path, monkeypatch):
     recorders = recorded_session(monkeypatch)
     image = sorted((shapes_dir / "images").iterdir())[0].relative_to(shapes_dir).as_posix()
     conversations = [{"from": "human" if r == "user" else "gpt", "value": c} for r, c in TURNS]
