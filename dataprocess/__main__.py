@@ -2,16 +2,21 @@
 
 - ``build --config dataprocess/config.yaml``: convert, sample, merge, validate, write chat.json
   plus ``<output>.report.json`` (and ``<output>.dropped.jsonl`` when records were rejected).
-- ``validate --data chat.json --image_folder DIR``: the same checks on an existing file.
-- ``stats --data chat.json --num_image_tokens 576``: token lengths with the real Qwen tokenizer
-  and a histogram PNG (this one subcommand imports the model stack, hence torch).
-- ``images --data chat.json --image_folder DIR --cache DIR --size 336``: resize into a cache.
+- ``validate --data chat.json --image_folder DIR``: the same checks on an existing file, the
+  checks training runs too (``dataprocess/validate.py``).
+- ``stats --data chat.json --vision_model M``: token lengths rendered exactly as training renders
+  them (``dataset.conversation``), N tokens per image read from the tower (or ``--model_weights
+  CHECKPOINT``, or ``--num_image_tokens``), and a histogram PNG (imports the model stack).
+- ``images --data chat.json --image_folder DIR --cache DIR --size 336``: resize into a cache;
+  ``--pad --vision_model M`` pads to a square with that tower's mean colour first.
 - ``features --data chat.json --image_folder DIR --vision_model M --out DIR``: encode every image
   once with the frozen tower into a feature cache for ``train.py --feature_cache DIR`` (imports
   torch and ``visual``; see ``visual/feature_cache.py``).
 
-Exit status 1 when errors remain (``--drop-invalid`` writes the good records and exits 0),
-2 for a bad config, flag or unreadable input.
+Image paths must stay inside ``--image_folder`` (no absolute path, no ``..``) unless
+``--allow_outside_image_folder``. Exit status 1 when errors remain (``--drop_invalid`` writes the
+good records and exits 0), 2 for a bad config, flag or unreadable input (a JSON list that does
+not parse, for one: nothing after the fault can be trusted).
 """
 
 from __future__ import annotations
@@ -47,33 +52,59 @@ def _parser() -> argparse.ArgumentParser:
     _flag(build, "drop-invalid", action="store_true", help="write only the good records")
     _flag(build, "skip-image-check", action="store_true", help="do not open the images")
     _flag(build, "workers", type=int, default=8, help="threads for image checks")
+    _outside_flag(build)
 
     validate = sub.add_parser("validate", help="check an existing chat.json / JSONL file")
     _flag(validate, "data", type=Path, required=True)
-    _flag(validate, "image_folder", type=Path, help="image root; images are not checked without it")
+    _flag(validate, "image_folder", type=Path, help="image root; images are not opened without it")
     _flag(validate, "drop-invalid", action="store_true", help="write the good records to --output")
     _flag(validate, "output", type=Path, help="where --drop-invalid writes the good records")
     _flag(validate, "report", type=Path, help="JSON report path (default: next to --data)")
     _flag(validate, "workers", type=int, default=8)
+    _outside_flag(validate)
+    _add_stats_parser(sub)
+    _add_images_parser(sub)
+    _add_features_parser(sub)
+    return parser
 
+
+def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     stats = sub.add_parser("stats", help="token-length statistics and histogram (needs torch)")
     _flag(stats, "data", type=Path, required=True)
-    _flag(
-        stats, "num_image_tokens", type=int, required=True, help="e.g. 576 CLIP-L/336, 729 SigLIP"
-    )
+    _vision_flags(stats, "the tower whose tokens per image are counted")
+    _flag(stats, "model_weights", type=Path, help="a checkpoint dir: N (and system prompt) from it")
+    _flag(stats, "num_image_tokens", type=int, help="override N, e.g. 576 CLIP-L/336, 729 SigLIP")
     _flag(stats, "histogram", type=Path, help="PNG path (default: <data>.lengths.png)")
     _flag(stats, "model_max_length", type=int, help="report how many records exceed it")
-    _flag(stats, "system", default="You are a helpful assistant.", help="system prompt assumed")
+    _flag(stats, "system", help="system prompt for records without one (default: training's)")
 
+
+def _add_images_parser(sub: argparse._SubParsersAction) -> None:
     images = sub.add_parser("images", help="resize referenced images into a cache folder")
     _flag(images, "data", type=Path, required=True)
     _flag(images, "image_folder", type=Path, required=True)
     _flag(images, "cache", type=Path, required=True)
-    _flag(images, "size", type=int, required=True, help="the tower's input size, e.g. 336 or 384")
-    _flag(images, "pad", action="store_true", help="pad to a square (mean colour) before resizing")
+    _flag(images, "size", type=int, help="input size, e.g. 336 (default: --vision_model's)")
+    _flag(images, "pad", action="store_true", help="pad to a square (tower's mean colour) first")
+    _vision_flags(images, "the tower whose mean colour pads and whose input size is --size")
     _flag(images, "workers", type=int, default=4)
-    _add_features_parser(sub)
-    return parser
+    _outside_flag(images)
+
+
+def _outside_flag(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser,
+        "allow_outside_image_folder",
+        action="store_true",
+        help="accept image paths that are absolute or leave --image_folder with '..'",
+    )
+
+
+def _vision_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    _flag(parser, "vision_model", help=f"{what}, as train.py's --vision_model")
+    # No choices= here: visual.loading.LIBRARIES owns the list (and needs torch to import).
+    _flag(parser, "vision_library", default="transformers", help="as train.py's --vision_library")
+    _flag(parser, "vision_pretrained", help="open_clip pretrained tag or weights file")
 
 
 def _add_features_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +112,7 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     _flag(features, "data", type=Path, nargs="+", required=True, help="one or more records files")
     _flag(features, "image_folder", type=Path, required=True)
     _flag(features, "vision_model", required=True, help="as train.py's --vision_model")
-    _flag(features, "vision_library", default="transformers", choices=("transformers", "open_clip"))
+    _flag(features, "vision_library", default="transformers", help="as train.py's")
     _flag(features, "vision_pretrained", help="open_clip pretrained tag or weights file")
     _flag(features, "vision_feature_layer", type=int, default=-2)
     _flag(features, "image_aspect_ratio", default="pad", choices=("pad", "resize"))
@@ -90,6 +121,7 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     _flag(features, "device", default="cpu", help="cpu, cuda, cuda:1 ...")
     _flag(features, "workers", type=int, default=4, help="image-decoding worker processes")
     _flag(features, "out", type=Path, required=True, help="the cache directory to create")
+    _outside_flag(features)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -104,6 +136,7 @@ def _run_build(args: argparse.Namespace) -> int:
         drop_invalid=args.drop_invalid,
         check_images=check,
         workers=args.workers,
+        allow_outside_image_folder=args.allow_outside_image_folder,
     )
     print(report["summary"])
     return 0 if report["ok"] or args.drop_invalid else 1
@@ -115,7 +148,11 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     if args.drop_invalid and args.output is None:
         raise ValueError("--drop-invalid needs --output (where the good records go)")
-    good, tally = validate_file(args.data, args.image_folder, args.workers)
+    if args.image_folder is not None and not args.image_folder.is_dir():
+        raise ValueError(f"--image_folder {args.image_folder}: no such directory")
+    good, tally = validate_file(
+        args.data, args.image_folder, args.workers, allow_outside=args.allow_outside_image_folder
+    )
     ok = not tally.errors
     report = {
         "data": str(args.data),
@@ -123,7 +160,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         "ok": ok,
         "errors": len(tally.errors),
         "written": 0,
-        "dropped": tally.counts["read"] - len(good),
+        "dropped": tally.num_invalid,
         "sources": {tally.name: tally.summary()},
     }
     report_path, dropped_path = side_paths(args.output or args.data)
@@ -143,20 +180,52 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from dataprocess.stats import run_stats
+    from dataprocess.stats import resolve_settings, run_stats
 
-    summary = run_stats(
-        args.data, args.num_image_tokens, args.histogram, args.model_max_length, args.system
+    settings = resolve_settings(
+        num_image_tokens=args.num_image_tokens,
+        vision_model=args.vision_model,
+        vision_library=args.vision_library,
+        vision_pretrained=args.vision_pretrained,
+        model_weights=args.model_weights,
+        system=args.system,
     )
+    summary = run_stats(
+        args.data,
+        settings.num_image_tokens,
+        args.histogram,
+        args.model_max_length,
+        settings.system,
+    )
+    summary["num_image_tokens_from"] = settings.num_image_tokens_from
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    from dataprocess.process_image import process_images
+    from dataprocess.process_image import process_images, tower_geometry
 
+    size, pad_color = args.size, None
+    if args.vision_model:
+        tower_size, mean_color = tower_geometry(
+            args.vision_model, args.vision_library, args.vision_pretrained
+        )
+        size, pad_color = size or tower_size, mean_color
+    if size is None:
+        raise ValueError("images needs --size, or --vision_model to read the input size from")
+    if args.pad and pad_color is None:
+        raise ValueError(
+            "--pad needs --vision_model: the pad colour is the tower's own mean colour "
+            "(CLIP and SigLIP differ)"
+        )
     result = process_images(
-        args.data, args.image_folder, args.cache, args.size, args.pad, args.workers
+        args.data,
+        args.image_folder,
+        args.cache,
+        size,
+        pad_color if args.pad else None,
+        args.workers,
+        allow_outside=args.allow_outside_image_folder,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -169,7 +238,13 @@ def _run_features(args: argparse.Namespace) -> int:
     from visual import load_vision_tower
     from visual.feature_cache import FEATURES_FILE, encode_feature_cache
 
-    paths = [p for data in args.data for p in referenced_images(data)]
+    paths = [
+        path
+        for data in args.data
+        for path in referenced_images(
+            data, args.image_folder, allow_outside=args.allow_outside_image_folder
+        )
+    ]
     tower = load_vision_tower(
         args.vision_model,
         library=args.vision_library,

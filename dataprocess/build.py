@@ -20,7 +20,7 @@ from dataprocess.config import BuildConfig, SourceConfig
 from dataprocess.report import Tally, format_summary
 from dataprocess.schema import Record, record_to_json
 from dataprocess.sources import converter_for
-from dataprocess.validate import validate_records
+from dataprocess.validate import RecordValidator
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,26 @@ def build(
     drop_invalid: bool = False,
     check_images: bool | None = None,
     workers: int = 8,
+    allow_outside_image_folder: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole build; returns the report (also written next to the output)."""
+    """Run the whole build; returns the report (also written next to the output).
+
+    Image paths must stay inside ``config.image_root`` (the training --image_folder) unless
+    ``allow_outside_image_folder``; they are confined even when images are not opened.
+    """
     output = (output or config.output).resolve()
     tallies, owner, merged = convert_all(config)
     conversion_errors = sum(len(t.errors) for t in tallies)
     do_images = config.check_images if check_images is None else check_images
-    image_root = config.image_root if do_images else None
-    good = validate_records(merged, lambda r: owner[r.id], image_root, workers)
+    validator = RecordValidator(
+        config.image_root,
+        check_images=do_images,
+        allow_outside=allow_outside_image_folder,
+        workers=workers,
+    )
     for tally in tallies:
-        tally.counts["valid"] = sum(1 for r in good if owner.get(r.id) is tally)
+        tally.counts["valid"] = 0  # the validator counts up from here
+    good = list(validator.validate(merged, lambda r: owner[r.id]))
     errors = sum(len(t.errors) for t in tallies)
     report: dict[str, Any] = {
         "config": str(config.config_path or ""),

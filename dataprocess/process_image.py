@@ -1,10 +1,16 @@
 """Resize every image a chat.json refers to into a cache folder, once, ahead of training.
 
 The cache mirrors the image folder (same relative paths), so training reads it by pointing its
-image folder at the cache; records need no change. Without ``pad`` the shorter side is resized
-to ``size`` (the tower's processor then does its usual centre crop on a small image); with
-``pad`` the image is first padded to a square with the CLIP mean colour, centred as LLaVA's
-``expand2square`` does, then resized to ``size`` x ``size``.
+image folder at the cache; records need no change. Without a pad colour the shorter side is
+resized to ``size`` (the tower's processor then does its usual centre crop on a small image);
+with one the image is first padded to a square of that colour, centred as LLaVA's
+``expand2square`` does, then resized to ``size`` x ``size``. The colour is the tower's own mean
+colour, read from its preprocessor (:func:`tower_geometry`): CLIP and SigLIP differ.
+
+Image paths are confined to the image folder like everywhere else
+(:func:`dataprocess.schema.confined_image_path`). A path allowed outside it
+(``--allow_outside_image_folder``) has no place in a mirror of the folder: it is skipped,
+counted and listed, and training reads it from where it is.
 
 Resumable: an image whose cache file exists is skipped. Files are written to a temporary name
 and renamed, so an interrupted run leaves no half-written image. Corrupt files are skipped and
@@ -22,17 +28,28 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dataprocess.schema import iter_raw_records, parse_record
+from dataprocess.schema import RecordError, confined_image_path, iter_raw_records, parse_record
 
 log = logging.getLogger(__name__)
-# OpenAI-CLIP mean (0.48145466, 0.4578275, 0.40821073) x 255, the colour LLaVA pads with.
-PAD_COLOR = (122, 116, 104)
+Color = tuple[int, int, int]
 # Formats PIL writes from RGB by extension; anything else (GIF, WebP, BMP...) is stored as PNG
 # data under the original name, which PIL reads by content, not by extension.
 SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 
 
-def expand_to_square(image: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+def tower_geometry(
+    vision_model: str, library: str = "transformers", pretrained: str | None = None
+) -> tuple[int, Color]:
+    """(input size, mean colour in 0..255) of a vision tower, read from its preprocessor."""
+    from visual import load_vision_tower  # imports torch: only the commands that need it
+
+    preprocessor = load_vision_tower(
+        vision_model, library=library, pretrained=pretrained
+    ).preprocessor
+    return min(preprocessor.output_size), preprocessor.fill_color
+
+
+def expand_to_square(image: Image.Image, color: Color) -> Image.Image:
     """Pad to a square, image centred (offsets floor((long - short) / 2), as expand2square)."""
     width, height = image.size
     if width == height:
@@ -43,25 +60,26 @@ def expand_to_square(image: Image.Image, color: tuple[int, int, int] = PAD_COLOR
     return canvas
 
 
-def resize_image(image: Image.Image, size: int, pad: bool) -> Image.Image:
+def resize_image(image: Image.Image, size: int, pad_color: Color | None) -> Image.Image:
     """RGB image at the tower's input size (see the module docstring for the two modes)."""
     image = ImageOps.exif_transpose(image).convert("RGB")
-    if pad:
-        return expand_to_square(image).resize((size, size), Image.Resampling.BICUBIC)
+    if pad_color is not None:
+        square = expand_to_square(image, pad_color)
+        return square.resize((size, size), Image.Resampling.BICUBIC)
     width, height = image.size
     scale = size / min(width, height)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
-def _process_one(task: tuple[str, str, str, int, bool]) -> tuple[str, str, str]:
+def _process_one(task: tuple[str, str, str, int, Color | None]) -> tuple[str, str, str]:
     """(relative path, status "done" | "corrupt", message); runs in a worker process."""
-    relative, root, cache, size, pad = task
-    source, target = Path(root) / relative, Path(cache) / relative
+    relative, source_path, target_path, size, pad_color = task
+    source, target = Path(source_path), Path(target_path)
     try:
         with Image.open(source) as image:
             image.load()
-            resized = resize_image(image, size, pad)
+            resized = resize_image(image, size, pad_color)
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "skip it"
         return relative, "corrupt", f"{source}: {type(exc).__name__}: {exc}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,28 +90,67 @@ def _process_one(task: tuple[str, str, str, int, bool]) -> tuple[str, str, str]:
     return relative, "done", ""
 
 
-def referenced_images(data: Path) -> list[str]:
-    """Distinct image paths of a chat.json / JSONL file, sorted."""
-    paths = {
-        p
-        for i, raw in iter_raw_records(data)
-        for p in parse_record(raw, source=str(data), index=i).images
-    }
+def referenced_images(
+    data: Path, image_folder: Path | None = None, *, allow_outside: bool = False
+) -> list[str]:
+    """Distinct image paths of a chat.json / JSONL file, sorted; the first bad record raises
+    RecordError naming its id and file, a path leaving ``image_folder`` included."""
+    paths: set[str] = set()
+    for index, raw in iter_raw_records(data):
+        record = parse_record(raw, source=str(data), index=index)
+        for path in record.images:
+            try:
+                confined_image_path(image_folder or ".", path, allow_outside=allow_outside)
+            except RecordError as exc:
+                raise RecordError(
+                    exc.problem, kind=exc.kind, record_id=record.id, source=str(data), index=index
+                ) from None
+            paths.add(path)
     return sorted(paths)
 
 
-def process_images(
-    data: Path, image_folder: Path, cache: Path, size: int, pad: bool = False, workers: int = 4
-) -> dict[str, Any]:
-    """Resize all images of ``data`` into ``cache``; returns counts and the corrupt list path."""
-    if size < 1:
-        raise ValueError(f"--size must be a positive number of pixels, got {size}")
-    todo, skipped = [], 0
-    for relative in referenced_images(data):
-        if (cache / relative).is_file():
+def _tasks(
+    paths: list[str], image_folder: Path, cache: Path, size: int, pad_color: Color | None
+) -> tuple[list[tuple], int, list[str]]:
+    """(work to do, images already in the cache, paths that cannot live in the cache)."""
+    todo, skipped, outside = [], 0, []
+    for relative in paths:
+        # referenced_images already refused what the flags do not allow
+        source = confined_image_path(image_folder, relative, allow_outside=True)
+        try:
+            target = confined_image_path(cache, relative)
+        except RecordError:
+            outside.append(relative)
+            continue
+        if target.is_file():
             skipped += 1  # done by an earlier run
         else:
-            todo.append((relative, str(image_folder), str(cache), size, pad))
+            todo.append((relative, str(source), str(target), size, pad_color))
+    return todo, skipped, outside
+
+
+def process_images(
+    data: Path,
+    image_folder: Path,
+    cache: Path,
+    size: int,
+    pad_color: Color | None = None,
+    workers: int = 4,
+    *,
+    allow_outside: bool = False,
+) -> dict[str, Any]:
+    """Resize all images of ``data`` into ``cache``; returns counts and the corrupt list path.
+
+    ``pad_color`` (the tower's mean colour, :func:`tower_geometry`) pads to a square first.
+    """
+    if size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    paths = referenced_images(data, image_folder, allow_outside=allow_outside)
+    todo, skipped, outside = _tasks(paths, image_folder, cache, size, pad_color)
+    for relative in outside:
+        log.warning(
+            "not cached: %s leaves the image folder, so its mirror cannot hold it", relative
+        )
     corrupt: list[str] = []
     done = 0
     cache.mkdir(parents=True, exist_ok=True)
@@ -112,5 +169,7 @@ def process_images(
         "skipped_existing": skipped,
         "corrupt": len(corrupt),
         "corrupt_list": str(corrupt_list),
+        "outside_image_folder": len(outside),
+        "pad_color": list(pad_color) if pad_color is not None else None,
         "cache": str(cache),
     }

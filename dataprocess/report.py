@@ -1,7 +1,9 @@
-"""Bookkeeping for build and validate: every error and every change, by kind, with example ids.
+"""The one report of build, validate and training's record loading: every error and change.
 
 Converters and the validator never drop or edit a record silently: they call
 :meth:`Tally.error` or :meth:`Tally.change`, which logs the record id and file and keeps a count.
+Counts ``read`` (record slots seen, unparsable ones included) and ``valid`` (records that passed
+every check) are kept by the validator; every other record slot is invalid and has an error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataprocess.schema import RecordError
 
 log = logging.getLogger(__name__)
 EXAMPLES_PER_KIND = 5
+MAX_EXAMPLES = 10  # full messages in describe()
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class Issue:
             "message": self.message,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Issue:
+        return cls(data["kind"], data["id"], data["file"], data["message"], data["index"])
+
 
 @dataclass
 class Tally:
@@ -47,12 +54,51 @@ class Tally:
     counts: Counter = field(default_factory=Counter)
 
     def error(self, exc: RecordError) -> None:
-        log.warning("%s: %s", self.name, exc)
+        # The first few are warnings; the rest go to the report (and -v) instead of flooding logs.
+        level = logging.WARNING if len(self.errors) < MAX_EXAMPLES else logging.INFO
+        log.log(level, "%s: %s", self.name, exc)
         self.errors.append(Issue(exc.kind, exc.record_id, exc.source, str(exc), exc.index))
 
     def change(self, kind: str, record_id: str | None, source: str, what: str) -> None:
         log.info("%s: %s, record %r: %s [%s]", self.name, source, record_id, what, kind)
         self.changes.append(Issue(kind, record_id, source, what))
+
+    @property
+    def num_invalid(self) -> int:
+        """Record slots read that did not pass (a record with two problems counts once)."""
+        return self.counts["read"] - self.counts["valid"]
+
+    def problem_counts(self) -> dict[str, int]:
+        """Errors per kind."""
+        return dict(Counter(issue.kind for issue in self.errors))
+
+    def describe(self, max_examples: int = MAX_EXAMPLES) -> str:
+        """Counts per kind, then the first ``max_examples`` messages (each names id and file)."""
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.problem_counts().items()))
+        read = self.counts["read"]
+        lines = [f"{self.num_invalid} of {read} records in {self.name} are invalid ({kinds})"]
+        lines += [f"  {issue.message}" for issue in self.errors[:max_examples]]
+        if len(self.errors) > max_examples:
+            lines.append(f"  ... and {len(self.errors) - max_examples} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, for a cache; :meth:`from_json` reads it back."""
+        return {
+            "name": self.name,
+            "counts": dict(self.counts),
+            "errors": [issue.to_json() for issue in self.errors],
+            "changes": [issue.to_json() for issue in self.changes],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Tally:
+        return cls(
+            data["name"],
+            errors=[Issue.from_json(e) for e in data["errors"]],
+            changes=[Issue.from_json(c) for c in data["changes"]],
+            counts=Counter(data["counts"]),
+        )
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,10 @@ class RecordError(ValueError):
             where.append(f"index {index}")
         prefix = ", ".join(where) if where else "record"
         super().__init__(f"{prefix}: {problem} [{kind}]")
+
+
+# Receives the error of one unreadable record slot (see iter_raw_records).
+OnError = Callable[[RecordError], None]
 
 
 def _parse_id(raw: dict, err: Any) -> str:
@@ -193,49 +197,67 @@ def parse_record(raw: dict, *, source: str = "", index: int | None = None) -> Re
     return Record(id=record_id, images=images, turns=tuple(turns), source=str(source))
 
 
-def _decode(data: bytes, source: str, line: int | None = None) -> str:
+def _decode(data: bytes, source: str, line: int | None = None, index: int | None = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         where = f"line {line}, " if line is not None else ""
         raise RecordError(
-            f"{where}invalid UTF-8 at byte {exc.start}", kind="invalid_utf8", source=source
+            f"{where}invalid UTF-8 at byte {exc.start}",
+            kind="invalid_utf8",
+            source=source,
+            index=index,
         ) from None
 
 
-def _iter_jsonl(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
+def _parse_line(line: bytes, line_number: int, source: str, index: int) -> dict:
+    """One JSONL line as a dict, or a RecordError naming the line (the caller decides)."""
+    text = _decode(line, source, line_number, index).strip()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})",
+            kind="invalid_json",
+            source=source,
+            index=index,
+        ) from None
+    if not isinstance(raw, dict):
+        raise RecordError(
+            f"line {line_number}: record is {type(raw).__name__}, not an object",
+            kind="bad_type",
+            source=source,
+            index=index,
+        )
+    return raw
+
+
+def _iter_jsonl(data: bytes, source: str, on_error: OnError | None) -> Iterator[tuple[int, dict]]:
     index = 0
     for line_number, line in enumerate(data.splitlines(), start=1):
-        text = _decode(line, source, line_number).strip()
-        if not text:
+        if not line.strip():
             continue  # blank lines (a trailing newline, for example) carry no record
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecordError(
-                f"line {line_number}: invalid JSON: {exc.msg} (column {exc.colno})",
-                kind="invalid_json",
-                source=source,
-                index=index,
-            ) from None
-        if not isinstance(raw, dict):
-            raise RecordError(
-                f"line {line_number}: record is {type(raw).__name__}, not an object",
-                kind="bad_type",
-                source=source,
-                index=index,
-            )
-        yield index, raw
+            raw = _parse_line(line, line_number, source, index)
+        except RecordError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)  # one broken line is one bad record; the lines after it still count
+        else:
+            yield index, raw
         index += 1
 
 
-def _iter_json_list(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
+def _iter_json_list(
+    data: bytes, source: str, on_error: OnError | None
+) -> Iterator[tuple[int, dict]]:
     text = _decode(data, source).lstrip("\ufeff")
     try:
         top = json.loads(text)
     except json.JSONDecodeError as exc:
+        # Nothing after the fault can be trusted in a JSON list: the whole file is refused.
         raise RecordError(
-            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}, char {exc.pos})",
             kind="invalid_json",
             source=source,
         ) from None
@@ -246,18 +268,31 @@ def _iter_json_list(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
             source=source,
         )
     for index, raw in enumerate(top):
-        if not isinstance(raw, dict):
-            raise RecordError(
-                f"record is {type(raw).__name__}, not an object",
-                kind="bad_type",
-                source=source,
-                index=index,
-            )
-        yield index, raw
+        if isinstance(raw, dict):
+            yield index, raw
+            continue
+        exc = RecordError(
+            f"record is {type(raw).__name__}, not an object",
+            kind="bad_type",
+            source=source,
+            index=index,
+        )
+        if on_error is None:
+            raise exc
+        on_error(exc)
 
 
-def iter_raw_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(index, raw dict)`` from a JSON list (``.json``) or JSON lines (``.jsonl``) file."""
+def iter_raw_records(
+    path: str | Path, *, on_error: OnError | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, raw dict)`` from a JSON list (``.json``) or JSON lines (``.jsonl``) file.
+
+    A fault of the whole file (unreadable, empty, not a list, a JSON list that does not parse)
+    raises :class:`RecordError` naming the file. A fault of one record slot (a JSONL line that
+    does not parse, an entry that is not an object) raises too, unless ``on_error`` is given:
+    then it receives the error (naming file, index and line) and reading goes on, so a
+    validator can count the slot as one invalid record and keep every record after it.
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -269,9 +304,9 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     if not data.strip():
         raise RecordError("file is empty", kind="empty_file", source=source)
     if path.suffix.lower() == ".jsonl":
-        yield from _iter_jsonl(data, source)
+        yield from _iter_jsonl(data, source, on_error)
     else:
-        yield from _iter_json_list(data, source)
+        yield from _iter_json_list(data, source, on_error)
 
 
 def record_to_json(record: Record) -> dict:

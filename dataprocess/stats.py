@@ -1,47 +1,122 @@
 """Token-length statistics of a chat.json file, to choose ``--model_max_length``.
 
-This is the one part of ``dataprocess`` that needs the model stack: :func:`run_stats` loads
-``qwen.QWenTokenizer``, and importing ``qwen`` imports torch. The counting itself takes any object
-with ``encode(text) -> list[int]``, so it is tested without torch.
-
-A record's length follows the ChatML layout of ``qwen.chat_format.make_context``: per turn
-``<|im_start|>{role}\\n{content}<|im_end|>\\n``, with the system prompt given on the command line
-when the record has none, and each ``<image>`` counted as ``num_image_tokens`` tokens.
+A record's length is the length of its training rendering: each record goes through
+``dataset.conversation.encode_conversation``, the encoder the dataset uses, with every
+``<image>`` expanded to the tower's N tokens and the training default system prompt
+(``qwen.chat_format.DEFAULT_SYSTEM_PROMPT``) where the record has none. N is read from the tower
+(``--vision_model``) or from a checkpoint's ``vlm_config.json`` (``--model_weights``);
+``--num_image_tokens`` overrides both. This is the one part of ``dataprocess`` (with
+``features``) that needs the model stack, so those imports sit inside the functions.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from dataprocess.schema import IMAGE_MARKER, Record, RecordError, iter_raw_records, parse_record
+from dataprocess.schema import Record, RecordError, iter_raw_records, parse_record
 
 log = logging.getLogger(__name__)
 CANDIDATE_LENGTHS = (512, 1024, 2048, 4096, 8192)
+CHECKPOINT_CONFIG = "vlm_config.json"  # written by model/checkpoint.py (VLM_CONFIG)
 
 
-class Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+@dataclass(frozen=True)
+class StatsSettings:
+    """What a length depends on besides the text: tokens per image and the system prompt."""
+
+    num_image_tokens: int
+    system: str
+    num_image_tokens_from: str  # the flag it came from, for the summary
+
+
+def _checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / CHECKPOINT_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--model_weights {checkpoint}: no {CHECKPOINT_CONFIG} in it") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("num_image_tokens"), int):
+        raise ValueError(f"{path}: no integer 'num_image_tokens'")
+    return config
+
+
+def resolve_settings(
+    *,
+    num_image_tokens: int | None = None,
+    vision_model: str | None = None,
+    vision_library: str = "transformers",
+    vision_pretrained: str | None = None,
+    model_weights: Path | None = None,
+    system: str | None = None,
+) -> StatsSettings:
+    """N tokens per image from the flags: the override, else the tower and/or the checkpoint
+    (which must agree), and the system prompt: the flag, else the checkpoint's, else training's.
+    """
+    found: dict[str, int] = {}
+    checkpoint: dict[str, Any] = {}
+    if model_weights is not None:
+        checkpoint = _checkpoint_config(Path(model_weights))
+        found["--model_weights"] = checkpoint["num_image_tokens"]
+    if vision_model is not None and num_image_tokens is None:
+        from visual import load_vision_tower  # imports torch
+
+        tower = load_vision_tower(
+            vision_model, library=vision_library, pretrained=vision_pretrained
+        )
+        found["--vision_model"] = tower.num_image_tokens
+    if num_image_tokens is not None:
+        if num_image_tokens < 0:
+            raise ValueError(f"--num_image_tokens must be >= 0, got {num_image_tokens}")
+        found = {"--num_image_tokens": num_image_tokens}
+    elif not found:
+        raise ValueError(
+            "stats needs the tokens per image: pass --vision_model (the tower), --model_weights "
+            "(a checkpoint directory) or --num_image_tokens"
+        )
+    elif len(set(found.values())) > 1:
+        raise ValueError(
+            f"--vision_model {vision_model} gives {found['--vision_model']} tokens per image but "
+            f"--model_weights {model_weights} was trained with {found['--model_weights']}"
+        )
+    if system is None:
+        from qwen.chat_format import DEFAULT_SYSTEM_PROMPT  # the training default, one owner
+
+        system = checkpoint.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    flag, tokens = next(iter(found.items()))
+    return StatsSettings(num_image_tokens=tokens, system=system, num_image_tokens_from=flag)
 
 
 def record_length(
-    record: Record, tokenizer: Encoder, num_image_tokens: int, system: str = ""
+    record: Record,
+    tokenizer: Any,
+    num_image_tokens: int,
+    system: str,
+    image_token_id: int = 0,
+    blocks: Any = None,
 ) -> int:
-    """Tokens of ``record`` in ChatML, with every image counted as ``num_image_tokens``."""
-    turns = [(t.role, t.content) for t in record.turns]
-    if system and (not turns or turns[0][0] != "system"):
-        turns.insert(0, ("system", system))
-    newline = len(tokenizer.encode("\n"))
-    total = 0
-    for role, content in turns:
-        markers = content.count(IMAGE_MARKER)
-        text = content.replace(IMAGE_MARKER, "")
-        # 2 = <|im_start|> and <|im_end|>; each is one special token.
-        total += 2 + len(tokenizer.encode(f"{role}\n")) + len(tokenizer.encode(text)) + newline
-        total += markers * num_image_tokens
-    return total
+    """Tokens of ``record`` as training renders it (``dataset.conversation``), images included.
+
+    The placeholder id does not change a length; pass the real one for clarity if you have it.
+    """
+    from dataset.conversation import encode_conversation  # imports torch
+
+    encoded = encode_conversation(
+        tokenizer,
+        [t.role for t in record.turns],
+        [t.content for t in record.turns],
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        system_prompt=system,
+        blocks=blocks,
+    )
+    return len(encoded.input_ids)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -92,7 +167,7 @@ def save_histogram(lengths: list[int], path: Path, model_max_length: int | None 
     figure.savefig(path, dpi=100)
 
 
-def load_records(path: Path) -> list[Record]:
+def read_records(path: Path) -> list[Record]:
     """All records of a chat.json / JSONL file; the first bad record stops with its RecordError."""
     return [parse_record(raw, source=str(path), index=i) for i, raw in iter_raw_records(path)]
 
@@ -102,21 +177,32 @@ def run_stats(
     num_image_tokens: int,
     histogram: Path | None = None,
     model_max_length: int | None = None,
-    system: str = "You are a helpful assistant.",
-    tokenizer: Encoder | None = None,
+    system: str | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Lengths of every record of ``data`` with the Qwen tokenizer, summary and histogram PNG."""
+    """Lengths of every record of ``data`` with the Qwen tokenizer, summary and histogram PNG.
+
+    ``system`` None means training's default system prompt.
+    """
+    from dataset.conversation import ChatBlocks  # imports torch; only this subcommand needs it
+    from qwen import IMAGE_TOKEN, QWenTokenizer
+    from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
+
     if num_image_tokens < 0:
         raise ValueError(f"--num_image_tokens must be >= 0, got {num_image_tokens}")
     if tokenizer is None:
-        from qwen import QWenTokenizer  # imports torch; only this subcommand needs it
-
         tokenizer = QWenTokenizer()
+    system = DEFAULT_SYSTEM_PROMPT if system is None else system
     try:
-        records = load_records(data)
+        records = read_records(data)
     except RecordError as exc:
         raise ValueError(f"{exc}; run `python -m dataprocess validate` first") from None
-    lengths = [record_length(r, tokenizer, num_image_tokens, system) for r in records]
+    blocks = ChatBlocks.build(tokenizer)  # built once, not per record
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    lengths = [
+        record_length(r, tokenizer, num_image_tokens, system, image_token_id, blocks)
+        for r in records
+    ]
     summary = summarize(lengths, model_max_length)
     histogram = histogram or data.with_suffix(".lengths.png")
     save_histogram(lengths, histogram, model_max_length)

@@ -1,26 +1,40 @@
-"""The validator: the checks that need more than one record, the image files or the text.
+"""The one record validator: what a valid record is, for ``dataprocess`` and for training alike.
 
-Schema faults (roles, empty turns, ``<image>`` counts, ...) are found by
-:func:`dataprocess.schema.parse_record`. Here we add: duplicate ids, Qwen-style boxes outside
-[0, 1000) or with x1 >= x2 / y1 >= y2, Qwen special tokens that must not reach chat.json, and
-images that are missing or do not decode. An image listed as ``.jpg`` that exists only as
-``.png``/``.gif``/``.jpeg`` (OCR-VQA) is not an error: the record gets the real path, logged.
+A record is valid when
+- it fits the schema (:func:`dataprocess.schema.parse_record`: roles, turns, ``<image>`` counts);
+- its id did not occur earlier in the same stream;
+- its text holds no Qwen special token and every ``<box>`` is ``(x1,y1),(x2,y2)`` in [0, 1000);
+- every image path stays inside the image folder (no absolute path, no ``..`` escape; see
+  :func:`dataprocess.schema.confined_image_path`) unless that is allowed, and, when images are
+  checked, the file exists and decodes fully, so a truncated image fails here and not mid-epoch.
+
+An image listed as ``.jpg`` that exists only as ``.png``/``.gif``/``.jpeg`` (OCR-VQA) is not an
+error: the record gets the real path, logged as a change. Every fault becomes an error in the
+record's :class:`~dataprocess.report.Tally`, naming the record id and file; nothing is dropped
+silently. Records stream through in chunks: the image paths new to a chunk are checked in
+parallel threads (the work is file I/O and decoding) and each distinct path is checked once.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 from PIL import Image
 
 from dataprocess.report import Tally
-from dataprocess.schema import Record, RecordError, parse_record
-from dataprocess.sources.common import iter_file
+from dataprocess.schema import (
+    Record,
+    RecordError,
+    confined_image_path,
+    iter_raw_records,
+    parse_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +54,22 @@ SPECIAL_TOKENS = (
     "<imgpad>",
 )
 ALTERNATE_SUFFIXES = (".jpg", ".png", ".gif", ".jpeg")
+CHUNK = 4096  # records per round of parallel image checks
+# ImageCheck status -> the error kind it makes
+IMAGE_ERRORS = {
+    "missing": "missing_image",
+    "unreadable": "unreadable_image",
+    "outside": "image_outside_folder",
+}
 
 
 @dataclass(frozen=True)
 class ImageCheck:
     """What we found for one referenced image path."""
 
-    status: str  # "ok", "fixed" (found under another extension), "missing" or "unreadable"
+    # "ok", "fixed" (found under another extension), "missing", "unreadable", "outside" (the
+    # path leaves the image folder) or "unchecked" (confined, but the file was not opened)
+    status: str
     path: str  # the path to write into the record (the real one when fixed)
     message: str = ""
 
@@ -65,9 +88,17 @@ def _decodes(path: Path) -> str:
     return ""
 
 
-def check_image(root: Path, relative: str) -> ImageCheck:
-    """Check that ``root/relative`` exists and decodes, trying other extensions by stem."""
-    path = root / relative
+def check_image(
+    root: Path, relative: str, *, allow_outside: bool = False, decode: bool = True
+) -> ImageCheck:
+    """Check that ``relative`` stays inside ``root`` and (``decode``) that the file decodes,
+    trying other extensions by stem. The file checked is the one training opens."""
+    try:
+        path = confined_image_path(root, relative, allow_outside=allow_outside)
+    except RecordError as exc:
+        return ImageCheck("outside", relative, exc.problem)
+    if not decode:
+        return ImageCheck("unchecked", relative)
     if not path.is_file():
         for suffix in ALTERNATE_SUFFIXES:
             candidate = path.with_suffix(suffix)
@@ -77,21 +108,31 @@ def check_image(root: Path, relative: str) -> ImageCheck:
                 if reason:
                     return ImageCheck("unreadable", fixed, f"{candidate}: {reason}")
                 return ImageCheck("fixed", fixed, f"{relative} exists as {fixed}")
-        return ImageCheck("missing", relative, f"{path} does not exist")
+        return ImageCheck("missing", relative, f"image file {path} does not exist")
     reason = _decodes(path)
-    return (
-        ImageCheck("unreadable", relative, f"{path}: {reason}")
-        if reason
-        else ImageCheck("ok", relative)
-    )
+    if reason:
+        return ImageCheck("unreadable", relative, f"image file {path} does not decode: {reason}")
+    return ImageCheck("ok", relative)
 
 
-def check_images(root: Path, paths: Iterable[str], workers: int = 8) -> dict[str, ImageCheck]:
-    """Check every distinct path once, in parallel threads (the work is file I/O and decoding)."""
+def check_images(
+    root: Path,
+    paths: Iterable[str],
+    workers: int = 8,
+    *,
+    allow_outside: bool = False,
+    decode: bool = True,
+) -> dict[str, ImageCheck]:
+    """Check every distinct path once, in parallel threads when files are opened."""
     unique = sorted(set(paths))
+
+    def check(relative: str) -> ImageCheck:
+        return check_image(root, relative, allow_outside=allow_outside, decode=decode)
+
+    if not decode or len(unique) < 2:
+        return {relative: check(relative) for relative in unique}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda rel: check_image(root, rel), unique)
-        return dict(zip(unique, results, strict=True))
+        return dict(zip(unique, pool.map(check, unique), strict=True))
 
 
 def text_problems(record: Record) -> list[tuple[str, str]]:
@@ -120,53 +161,104 @@ def text_problems(record: Record) -> list[tuple[str, str]]:
     return problems
 
 
-def validate_records(
-    records: list[Record],
-    tally_of: Callable[[Record], Tally],
-    image_root: Path | None,
-    workers: int = 8,
-) -> list[Record]:
-    """Return the records that pass every check (image paths fixed); tally every fault by record."""
-    checks = {}
-    if image_root is not None:
-        checks = check_images(image_root, (p for r in records for p in r.images), workers)
-    seen: set[str] = set()
-    good: list[Record] = []
-    for record in records:
-        tally = tally_of(record)
+class RecordValidator:
+    """Checks a stream of parsed records; one instance per stream (it remembers ids and images).
+
+    Without ``image_folder`` (or with ``check_images`` False) no file is opened, but image paths
+    are still confined: an absolute or ``..`` path is invalid unless ``allow_outside``.
+    """
+
+    def __init__(
+        self,
+        image_folder: str | Path | None,
+        *,
+        check_images: bool = True,
+        allow_outside: bool = False,
+        workers: int = 8,
+    ) -> None:
+        self.root = Path(image_folder) if image_folder is not None else Path(".")
+        self.decode = check_images and image_folder is not None
+        self.allow_outside = allow_outside
+        self.workers = workers
+        self._seen_ids: set[str] = set()
+        self._images: dict[str, ImageCheck] = {}  # LLaVA data reuses images across records
+
+    def validate(
+        self, records: Iterable[Record], tally_of: Callable[[Record], Tally]
+    ) -> Iterator[Record]:
+        """Yield the records that pass, in order, image paths fixed; tally every fault."""
+        iterator = iter(records)
+        while chunk := list(islice(iterator, CHUNK)):
+            new = {path for record in chunk for path in record.images} - self._images.keys()
+            self._images.update(
+                check_images(
+                    self.root, new, self.workers, allow_outside=self.allow_outside,
+                    decode=self.decode,
+                )
+            )  # fmt: skip
+            for record in chunk:
+                good = self._check(record, tally_of(record))
+                if good is not None:
+                    yield good
+
+    def _check(self, record: Record, tally: Tally) -> Record | None:
         problems = text_problems(record)
-        if record.id in seen:
+        if record.id in self._seen_ids:
             problems.append(("duplicate_id", "the id occurs earlier in the data"))
-        seen.add(record.id)
-        images = list(record.images)
-        for i, image in enumerate(images):
-            check = checks.get(image)
-            if check is None:
-                continue
-            tally.counts["images_" + check.status] += 1
-            if check.status in ("missing", "unreadable"):
-                problems.append((f"{check.status}_image", check.message))
-            elif check.status == "fixed":
-                tally.change("image_extension_fixed", record.id, record.source, check.message)
-                images[i] = check.path
+        self._seen_ids.add(record.id)
+        checks = [self._images[path] for path in record.images]
+        for check in checks:
+            if check.status != "unchecked":
+                tally.counts["images_" + check.status] += 1
+            if check.status in IMAGE_ERRORS:
+                problems.append((IMAGE_ERRORS[check.status], check.message))
         for kind, problem in problems:
             tally.error(RecordError(problem, kind=kind, record_id=record.id, source=record.source))
-        if not problems:
-            good.append(replace(record, images=tuple(images)))
-    return good
+        if problems:
+            return None
+        for check in checks:
+            if check.status == "fixed":
+                tally.change("image_extension_fixed", record.id, record.source, check.message)
+        tally.counts["valid"] += 1
+        return replace(record, images=tuple(check.path for check in checks))
+
+
+def iter_valid_records(
+    path: str | Path, tally: Tally, validator: RecordValidator
+) -> Iterator[Record]:
+    """Stream the valid records of one chat.json / JSONL file.
+
+    Every record slot counts as ``read``: one that does not parse (a broken JSONL line, named by
+    its line number) or fails a check is an error in ``tally`` and the records after it are still
+    read. A fault of the whole file (unreadable, empty, a JSON list that does not parse) raises
+    :class:`RecordError` naming the file and the position.
+    """
+    source = str(path)
+
+    def unreadable_slot(exc: RecordError) -> None:
+        tally.counts["read"] += 1
+        tally.error(exc)
+
+    def parsed() -> Iterator[Record]:
+        for index, raw in iter_raw_records(path, on_error=unreadable_slot):
+            tally.counts["read"] += 1
+            try:
+                yield parse_record(raw, source=source, index=index)
+            except RecordError as exc:
+                tally.error(exc)
+
+    yield from validator.validate(parsed(), lambda _record: tally)
 
 
 def validate_file(
-    path: Path, image_root: Path | None, workers: int = 8
+    path: Path,
+    image_root: Path | None,
+    workers: int = 8,
+    *,
+    allow_outside: bool = False,
 ) -> tuple[list[Record], Tally]:
-    """Validate one chat.json / JSONL file: schema, ids, boxes, tokens and (if a root) images."""
+    """Validate one file (``python -m dataprocess validate``): the good records and the tally."""
     tally = Tally(path.name)
-    records: list[Record] = []
-    for index, raw in iter_file(path, tally):
-        try:
-            records.append(parse_record(raw, source=str(path), index=index))
-        except RecordError as exc:
-            tally.error(exc)
-    good = validate_records(records, lambda _record: tally, image_root, workers)
-    tally.counts["valid"] = len(good)
-    return good, tally
+    tally.counts.update(read=0, valid=0)
+    validator = RecordValidator(image_root, allow_outside=allow_outside, workers=workers)
+    return list(iter_valid_records(path, tally, validator)), tally

@@ -34,19 +34,23 @@ def build_supervised_dataset(
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     skip_invalid: bool = False,
     check_images: bool = True,
+    allow_outside_image_folder: bool = False,
     num_proc: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     feature_cache: FeatureCache | None = None,
 ) -> SupervisedDataset:
-    """Validate `path` (raising before training on bad records unless `skip_invalid`),
-    tokenize it (cached) and return the torch dataset. See `load_records` / `tokenize_records`;
-    with `feature_cache`, samples carry cached tower features (see `SupervisedDataset`).
+    """Validate `path` (raising before training on bad records unless `skip_invalid`, and on a
+    file with no valid record or no sample that fits), tokenize it (cached) and return the torch
+    dataset. See `load_records` / `tokenize_records`; with `feature_cache`, samples carry cached
+    tower features (see `SupervisedDataset`). Image paths must stay inside `image_folder` unless
+    `allow_outside_image_folder`, at validation and when the images are opened.
     """
-    records, summary = load_records(
+    records, report = load_records(
         path,
         image_folder=image_folder,
         skip_invalid=skip_invalid,
         check_images=check_images,
+        allow_outside_image_folder=allow_outside_image_folder,
         cache_dir=cache_dir,
     )
     samples, stats = tokenize_records(
@@ -57,10 +61,12 @@ def build_supervised_dataset(
         model_max_length=model_max_length,
         system_prompt=system_prompt,
         num_proc=num_proc,
+        source=str(path),
     )
     logger.info(
         "%s: %d records, %d invalid skipped, %d samples (%d truncated, %d dropped for length)",
-        path, summary.total, summary.num_invalid, stats.samples, stats.truncated, stats.dropped,
+        path, report.counts["read"], report.num_invalid,
+        stats.samples, stats.truncated, stats.dropped,
     )  # fmt: skip
     return SupervisedDataset(
         samples,
@@ -68,4 +74,6 @@ def build_supervised_dataset(
         load_image=load_image,
         preprocess=preprocess,
         feature_cache=feature_cache,
+        allow_outside_image_folder=allow_outside_image_folder,
+        source=str(path),
     )

@@ -68,6 +68,13 @@ class PackedDataset(torch.utils.data.Dataset):
     """One item = one bin of `plan_packs`: its samples concatenated, positions restarting."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, capacity: int) -> None:
+        if len(dataset) == 0:
+            # A SupervisedDataset never gets here empty (tokenize_records refuses); any other
+            # dataset gets the same plain error instead of an empty plan and a division by 0.
+            source = getattr(dataset, "source", "the data set")
+            raise ValueError(
+                f"no samples to pack in {source}: every sample was dropped or the data is empty"
+            )
         self.dataset = dataset
         self.capacity = capacity
         sample_lengths = dataset.lengths

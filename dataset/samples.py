@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from dataprocess.schema import confined_image_path
 from dataset.conversation import (
     DEFAULT_SYSTEM_PROMPT,
     ChatBlocks,
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the rendering or the columns change, so cached tokenizations are rebuilt.
 TOKENIZE_VERSION = 1
+_SHORTEST_PROBE = 1000  # records rendered again to explain an all-dropped error
 _PROBE_TEXT = "The 3 quick brown foxes\n  jumped: 图像理解助手。 <|im_start|>ÄÖ émoji 🙂 1234"
 
 SAMPLE_FEATURES = datasets.Features(
@@ -103,6 +106,74 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def records_fingerprint(records: datasets.Dataset) -> str:
+    """Identity of a records table, from public API only: its Arrow files and its ids in order.
+
+    `load_records` names its Arrow file after the source file's identity and the checks, and ids
+    are unique after validation, so files + ids (which also see a `select`) identify the rows.
+    """
+    ids = pa.table({"id": records.with_format("arrow")["id"]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, ids.schema) as writer:
+        writer.write_table(ids)
+    digest = hashlib.sha256(repr([f["filename"] for f in records.cache_files]).encode())
+    digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]
+
+
+def _shortest_fit(records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any]) -> int:
+    """The smallest model_max_length that keeps one of the first records (for an error message).
+
+    Asks `fit_to_length` itself (it keeps more as the limit grows), so the rule stays its own.
+    """
+    shortest = None
+    blocks = ChatBlocks.build(tokenizer)
+    head = records.select(range(min(len(records), _SHORTEST_PROBE)))
+    for roles, contents in zip(head["roles"], head["contents"], strict=True):
+        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
+        low, high = 1, len(full.input_ids)  # fits at high; find the first length that fits
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fit_to_length(full, middle) else (middle + 1, high)
+        shortest = high if shortest is None else min(shortest, high)
+    return shortest or 0
+
+
+def _nothing_fits(
+    records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any], source: str
+) -> ValueError:
+    """The error for a model_max_length that drops every sample, with the length that would do."""
+    settings = dict(settings)
+    model_max_length = settings.pop("model_max_length")
+    shortest = _shortest_fit(records, tokenizer, settings)
+    probed = "" if len(records) <= _SHORTEST_PROBE else f" of the first {_SHORTEST_PROBE}"
+    return ValueError(
+        f"--model_max_length {model_max_length} is shorter than every sample of {source} "
+        f"(all {len(records)} dropped; the shortest{probed} needs {shortest} tokens)"
+    )
+
+
+def _log_length_cuts(
+    records: datasets.Dataset,
+    samples: datasets.Dataset,
+    stats: TokenizeStats,
+    model_max_length: int,
+    source: str,
+) -> None:
+    """Warn with counts (and the first dropped ids): a cut or dropped sample is never silent."""
+    if stats.truncated or stats.dropped:
+        logger.warning(
+            "%s, model_max_length=%d: %d of %d samples truncated, %d dropped (the cut would "
+            "split an image or leave no answer token)",
+            source, model_max_length, stats.truncated, stats.records, stats.dropped,
+        )  # fmt: skip
+    if stats.dropped:
+        ids = records.with_format("arrow")["id"]
+        kept = pc.is_in(ids, value_set=samples.with_format("arrow")["id"])
+        dropped = pc.filter(ids, pc.invert(kept))
+        logger.warning("dropped record ids (first 5): %s", dropped[:5].to_pylist())
+
+
 def tokenize_records(
     records: datasets.Dataset,
     tokenizer: Any,
@@ -112,8 +183,15 @@ def tokenize_records(
     model_max_length: int,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     num_proc: int | None = None,
+    source: str = "the records",
 ) -> tuple[datasets.Dataset, TokenizeStats]:
-    """Tokenize all `records` (columns id, images, roles, contents) once, cached on disk."""
+    """Tokenize all `records` (columns id, images, roles, contents) once, cached on disk.
+
+    Raises ValueError naming `source` (the records file) when there is no record, or when
+    `model_max_length` is shorter than every sample (nothing would be left to train on).
+    """
+    if len(records) == 0:
+        raise ValueError(f"no records to tokenize in {source}")
     settings = {
         "image_token_id": image_token_id,
         "num_image_tokens": num_image_tokens,
@@ -121,7 +199,8 @@ def tokenize_records(
         "system_prompt": system_prompt,
     }
     # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
-    key = f"{TOKENIZE_VERSION}|{records._fingerprint}|{tokenizer_fingerprint(tokenizer)}|{settings}"
+    key = f"{TOKENIZE_VERSION}|{records_fingerprint(records)}|"
+    key += f"{tokenizer_fingerprint(tokenizer)}|{settings}"
     samples = records.map(
         _tokenize_batch,
         batched=True,
@@ -132,18 +211,11 @@ def tokenize_records(
         new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
         desc="tokenizing records",
     )
-    truncated = pc.sum(samples.data.column("truncated")).as_py() or 0
+    if len(samples) == 0:
+        raise _nothing_fits(records, tokenizer, settings, source)
+    truncated = pc.sum(samples.with_format("arrow")["truncated"]).as_py() or 0
     stats = TokenizeStats(records=len(records), samples=len(samples), truncated=truncated)
-    if stats.truncated or stats.dropped:
-        logger.warning(
-            "model_max_length=%d: %d of %d samples truncated, %d dropped (the cut would split an "
-            "image or leave no answer token)",
-            model_max_length, stats.truncated, stats.records, stats.dropped,
-        )  # fmt: skip
-    if stats.dropped:
-        kept = set(samples.data.column("id").to_pylist())
-        dropped = [i for i in records.data.column("id").to_pylist() if i not in kept]
-        logger.warning("dropped record ids (first 5): %s", dropped[:5])
+    _log_length_cuts(records, samples, stats, model_max_length, source)
     return samples, stats
 
 
@@ -151,9 +223,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None}.
 
     `load_image(path) -> PIL.Image` and `preprocess(list[PIL.Image]) -> [n,3,H,W]` come from the
-    vision tower. Image paths are resolved against `image_folder`. With `feature_cache`, images
-    are not decoded: the sample's "vision_features" [n_img, N, Dv] (the frozen tower's output,
-    read from the cache) replaces "pixel_values"; every image must be in the cache.
+    vision tower. Image paths are resolved against `image_folder` by
+    `dataprocess.schema.confined_image_path`, the rule the validator checked them with, so the
+    file opened is the file validated. With `feature_cache`, images are not decoded: the
+    sample's "vision_features" [n_img, N, Dv] (the frozen tower's output, read from the cache)
+    replaces "pixel_values"; every image must be in the cache. `source` names the records file
+    in errors.
     """
 
     def __init__(
@@ -164,12 +239,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         load_image: Callable[[Path], Image.Image],
         preprocess: Callable[[list[Image.Image]], torch.Tensor],
         feature_cache: FeatureCache | None = None,
+        allow_outside_image_folder: bool = False,
+        source: str = "the records",
     ) -> None:
         self.samples = samples
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.load_image = load_image
         self.preprocess = preprocess
         self.feature_cache = feature_cache
+        self.allow_outside_image_folder = allow_outside_image_folder
+        self.source = source
         if feature_cache is not None:
             self._check_cache_covers(feature_cache)
 
@@ -199,20 +278,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """Token length of every sample (for a length-grouped sampler)."""
         return self.samples.data.column("length").to_pylist()
 
-    @property
-    def num_images(self) -> list[int]:
-        """Image count of every sample (0 = text-only), for grouping by modality."""
-        return pc.list_value_length(self.samples.data.column("images")).to_pylist()
-
     def _pixel_values(self, record_id: str, images: Sequence[str]) -> torch.Tensor | None:
         if not images:
             return None
         if self.image_folder is None:
-            raise ValueError(f"record {record_id!r} has images but no image_folder was given")
-        pixel_values = self.preprocess([self.load_image(self.image_folder / p) for p in images])
+            raise ValueError(
+                f"record {record_id!r} of {self.source} has images but no image_folder was given"
+            )
+        paths = [
+            confined_image_path(self.image_folder, p, allow_outside=self.allow_outside_image_folder)
+            for p in images
+        ]
+        pixel_values = self.preprocess([self.load_image(path) for path in paths])
         if pixel_values.dim() != 4 or pixel_values.shape[0] != len(images):
             raise ValueError(
-                f"record {record_id!r}: preprocess returned shape {tuple(pixel_values.shape)} for "
+                f"record {record_id!r} of {self.source}: preprocess returned shape {tuple(pixel_values.shape)} for "
                 f"{len(images)} image(s); expected [{len(images)}, 3, H, W]"
             )
         return pixel_values  # [n_img, 3, H, W]

@@ -2,12 +2,14 @@
 
 The dataset receives ints (`image_token_id`, tokens per image) and callables (the tower's image
 loader and preprocessor); it never recomputes them. With `feature_cache`, the cache is checked
-against the model's vision tower and the samples carry its features instead of images.
+against the model's vision tower and the samples carry its features instead of images; the log
+says which of the two the images come from, and a missing --image_folder is an error either way.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
@@ -20,12 +22,27 @@ from visual.feature_cache import FeatureCache, tower_cache_settings
 logger = logging.getLogger(__name__)
 
 
+def _image_source(config: DataConfig, vlm: VisionLanguageModel) -> FeatureCache | None:
+    """Check --image_folder (always) and --feature_cache, and say in the log which one is read."""
+    folder = config.image_folder
+    if folder is not None and not Path(folder).is_dir():
+        raise ValueError(f"--image_folder {folder}: no such directory")
+    if not config.feature_cache:
+        logger.info("images: decoded from --image_folder %s", folder)
+        return None
+    feature_cache = FeatureCache(config.feature_cache)
+    feature_cache.check_matches(tower_cache_settings(vlm.vision))
+    logger.info(
+        "images: features read from --feature_cache %s; no image file is opened "
+        "(--image_folder %s only confines the records' image paths)",
+        config.feature_cache, folder,
+    )  # fmt: skip
+    return feature_cache
+
+
 def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
     """Returns (train dataset, eval dataset or None, collator). Bad records raise here."""
-    feature_cache = None
-    if config.feature_cache:
-        feature_cache = FeatureCache(config.feature_cache)
-        feature_cache.check_matches(tower_cache_settings(vlm.vision))
+    feature_cache = _image_source(config, vlm)
 
     def build(path: str):
         return build_supervised_dataset(
@@ -39,6 +56,7 @@ def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
             model_max_length=config.model_max_length,
             system_prompt=config.system_prompt,
             skip_invalid=config.skip_invalid,
+            allow_outside_image_folder=config.allow_outside_image_folder,
             check_images=feature_cache is None,  # with a cache, the images are never opened
             feature_cache=feature_cache,
         )

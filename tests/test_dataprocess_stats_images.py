@@ -14,22 +14,26 @@ from dataprocess.schema import Record, Turn
 from dataprocess.stats import percentile, record_length, run_stats, summarize
 
 
-class CharTokenizer:
-    """One token per character: lengths are easy to count by hand."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    from qwen import QWenTokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+    return QWenTokenizer()
 
 
-def test_record_length_counts_chatml_and_image_tokens() -> None:
+def test_record_length_is_the_training_rendering(tokenizer) -> None:
+    from dataset.conversation import encode_conversation
+
     record = Record("r", ("a.jpg",), (Turn("user", "<image>\nQ"), Turn("assistant", "AB")))
-    # system: 2 + len("system\n") 7 + len("S") 1 + "\n" 1 = 11; user: 2 + 5 + len("\nQ") 2 + 1 + 576;
-    # assistant: 2 + len("assistant\n") 10 + 2 + 1 = 15.
-    assert record_length(record, CharTokenizer(), 576, system="S") == 11 + 586 + 15
-    assert record_length(record, CharTokenizer(), 729, system="") == 586 - 576 + 729 + 15
+    encoded = encode_conversation(
+        tokenizer, ["user", "assistant"], ["<image>\nQ", "AB"],
+        image_token_id=151646, num_image_tokens=576, system_prompt="S",
+    )  # fmt: skip
+    assert record_length(record, tokenizer, 576, system="S") == len(encoded.input_ids)
+    assert record_length(record, tokenizer, 729, system="S") == len(encoded.input_ids) + 153
 
 
-def test_summary_and_histogram(tmp_path: Path) -> None:
+def test_summary_and_histogram(tmp_path: Path, tokenizer) -> None:
     lengths = list(range(1, 101))
     summary = summarize(lengths, model_max_length=90)
     assert (summary["p50"], summary["p90"], summary["p99"], summary["max"]) == (50, 90, 99, 100)
@@ -59,22 +63,22 @@ def test_summary_and_histogram(tmp_path: Path) -> None:
         ),
         encoding="utf-8",
     )
-    result = run_stats(data, 576, tmp_path / "h.png", 600, system="", tokenizer=CharTokenizer())
-    assert result["max"] - result["min"] == 576 + 1  # the image and its "\n"
+    result = run_stats(data, 576, tmp_path / "h.png", 580, system="", tokenizer=tokenizer)
+    assert result["max"] - result["min"] >= 576  # the image (and its "\n")
     assert result["over_model_max_length"] == 1
     with Image.open(tmp_path / "h.png") as png:
         assert png.format == "PNG" and png.width > 100
 
 
-def test_record_length_with_real_qwen_tokenizer(tmp_path: Path, capsys) -> None:
-    qwen = pytest.importorskip("qwen")
-    tokenizer = qwen.QWenTokenizer()
+def test_record_length_with_real_qwen_tokenizer(tmp_path: Path, capsys, tokenizer) -> None:
+    import qwen
+
     record = Record("r", (), (Turn("user", "What is 12 + 30?"), Turn("assistant", "It is 42.")))
     _, context = qwen.make_context(
         tokenizer, "What is 12 + 30?", system="You are a helpful assistant."
     )
-    # make_context stops after "<|im_start|>assistant\n"; the answer adds its text, <|im_end|>, "\n".
-    expected = len(context) + len(tokenizer.encode("It is 42.")) + 1 + 1
+    # make_context stops after "<|im_start|>assistant\n"; training adds the answer and <|im_end|>.
+    expected = len(context) + len(tokenizer.encode("It is 42.")) + 1
     assert record_length(record, tokenizer, 576, system="You are a helpful assistant.") == expected
     data = tmp_path / "chat.json"
     data.write_text(
@@ -97,12 +101,12 @@ def test_record_length_with_real_qwen_tokenizer(tmp_path: Path, capsys) -> None:
 
 def test_pad_and_resize_geometry() -> None:
     wide = Image.new("RGB", (40, 20), (255, 0, 0))
-    square = expand_to_square(wide)
+    square = expand_to_square(wide, (0, 0, 255))
     assert square.size == (40, 40)
-    assert square.getpixel((0, 0)) != (255, 0, 0) and square.getpixel((20, 20)) == (255, 0, 0)
+    assert square.getpixel((0, 0)) == (0, 0, 255) and square.getpixel((20, 20)) == (255, 0, 0)
     assert square.getpixel((20, 9)) != (255, 0, 0) and square.getpixel((20, 10)) == (255, 0, 0)
-    assert resize_image(wide, 10, pad=True).size == (10, 10)
-    assert resize_image(wide, 10, pad=False).size == (20, 10)  # shorter side to 10
+    assert resize_image(wide, 10, pad_color=(0, 0, 0)).size == (10, 10)
+    assert resize_image(wide, 10, pad_color=None).size == (20, 10)  # shorter side to 10
 
 
 def test_process_images_resumable_and_lists_corrupt(tmp_path: Path, capsys) -> None:
@@ -121,7 +125,7 @@ def test_process_images_resumable_and_lists_corrupt(tmp_path: Path, capsys) -> N
     ]
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
-    first = process_images(data, root, cache, size=16, pad=True, workers=2)
+    first = process_images(data, root, cache, size=16, pad_color=(1, 2, 3), workers=2)
     assert (first["resized"], first["skipped_existing"], first["corrupt"]) == (2, 0, 1)
     with Image.open(cache / "coco" / "a.jpg") as image:
         assert (image.size, image.format) == ((16, 16), "JPEG")

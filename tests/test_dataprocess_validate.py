@@ -112,17 +112,35 @@ def test_drop_invalid_writes_good_records_and_dropped_list(tmp_path: Path) -> No
     assert all(d["file"] == str(data) for d in dropped)
 
 
-def test_invalid_utf8_and_json_files_fail_with_the_file_named(tmp_path: Path, capsys) -> None:
+def test_unparsable_json_list_is_a_hard_error_naming_file_and_position(tmp_path, capsys) -> None:
     bad_utf8 = tmp_path / "latin1.json"
     bad_utf8.write_bytes('[{"id": "é"}]'.encode("latin-1"))
-    bad_json = tmp_path / "cut.jsonl"
-    bad_json.write_text('{"id": "1", "conversations": []}\n{"id": ', encoding="utf-8")
-    cases = ((bad_utf8, "invalid_utf8", str(bad_utf8)), (bad_json, "invalid_json", "index 1"))
-    for path, kind, label in cases:
-        assert main(["validate", "--data", str(path)]) == 1
-        report = json.loads(path.with_suffix(".report.json").read_text(encoding="utf-8"))
-        assert report["sources"][path.name]["errors"][kind]["examples"] == [label]
-        assert label in capsys.readouterr().out
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"id": "1", "conversations": []},\n {"id": ', encoding="utf-8")
+    for path, where in ((bad_utf8, "invalid UTF-8 at byte 9"), (cut, "line 2, column")):
+        args = [
+            "validate",
+            "--data",
+            str(path),
+            "--drop_invalid",
+            "--output",
+            str(tmp_path / "o.json"),
+        ]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and where in err
+        assert not (tmp_path / "o.json").exists()  # nothing half-read is written
+
+
+def test_broken_jsonl_line_is_one_invalid_record(tmp_path: Path, capsys) -> None:
+    good = {"id": "1", "conversations": _conv("Q", "A")}
+    after = {"id": "3", "conversations": _conv("Q", "A")}
+    data = tmp_path / "cut.jsonl"
+    data.write_text(json.dumps(good) + '\n{"id": \n' + json.dumps(after) + "\n", encoding="utf-8")
+    assert main(["validate", "--data", str(data)]) == 1
+    report = json.loads(data.with_suffix(".report.json").read_text(encoding="utf-8"))
+    assert report["sources"]["cut.jsonl"]["errors"]["invalid_json"]["examples"] == ["index 1"]
+    assert "index 1" in capsys.readouterr().out
 
 
 def test_drop_invalid_needs_output(tmp_path: Path, capsys) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dataprocess.report import MAX_EXAMPLES
 from dataprocess.schema import RecordError
 from dataset import loading
 from dataset.loading import load_records
@@ -49,7 +50,7 @@ BAD_RECORDS = {
         "conversations": _turns(("human", "<image>"), ("gpt", "see <image>")),
     },
     "duplicate_id": _good("good-0"),
-    "bad_image": _good("b8", image="missing.png"),
+    "missing_image": _good("b8", image="missing.png"),
 }
 
 
@@ -83,7 +84,7 @@ def test_every_bad_kind_raises_naming_id_and_file(folder: Path, kind: str):
 
 def test_broken_image_file_is_reported(folder: Path):
     path = _write(folder / "data.json", [_good("x", image="broken.png")])
-    with pytest.raises(ValueError, match="does not open as an image"):
+    with pytest.raises(ValueError, match="broken.png does not decode"):
         load_records(path, image_folder=folder, cache_dir=folder / "cache")
     # Without an image folder (or with check_images=False) images are not opened.
     records, _ = load_records(path, cache_dir=folder / "cache")
@@ -102,9 +103,9 @@ def test_skip_invalid_skips_and_counts(folder: Path, caplog: pytest.LogCaptureFi
             path, image_folder=folder, skip_invalid=True, cache_dir=folder / "cache"
         )
     assert records["id"] == [f"good-{i}" for i in range(4)]
-    assert summary.total == 4 + len(BAD_RECORDS)
-    assert summary.kept == 4 and summary.num_invalid == len(BAD_RECORDS)
-    assert summary.problem_counts == dict.fromkeys(BAD_RECORDS, 1)
+    assert summary.counts["read"] == 4 + len(BAD_RECORDS)
+    assert summary.counts["valid"] == 4 and summary.num_invalid == len(BAD_RECORDS)
+    assert summary.problem_counts() == dict.fromkeys(BAD_RECORDS, 1)
     assert "skipping invalid records" in caplog.text
     row = records[1]
     assert row["images"] == ["ok.png"]
@@ -114,10 +115,12 @@ def test_skip_invalid_skips_and_counts(folder: Path, caplog: pytest.LogCaptureFi
 
 def test_examples_are_capped(folder: Path):
     bad = [{"id": f"e{i}", "conversations": []} for i in range(25)]
-    path = _write(folder / "data.json", bad)
+    path = _write(folder / "data.json", [_good("a", image=None), *bad])
     _, summary = load_records(path, skip_invalid=True, cache_dir=folder / "cache")
-    assert summary.problem_counts == {"no_assistant_turn": 25}
-    assert len(summary.examples) == loading.MAX_EXAMPLES
+    assert summary.problem_counts() == {"no_assistant_turn": 25}
+    lines = summary.describe().splitlines()
+    assert len(lines) == 1 + MAX_EXAMPLES + 1  # headline, examples, "... and 15 more"
+    assert lines[-1].endswith("and 15 more") and "'e0'" in lines[1]
 
 
 def test_file_level_faults_name_the_file(folder: Path):
@@ -142,7 +145,7 @@ def test_cache_is_memory_mapped_and_reused(folder: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(loading, "_validate_and_write", fail)
     second, summary = load_records(path, image_folder=folder, cache_dir=cache)
     assert second.cache_files == first.cache_files
-    assert second["id"] == first["id"] and summary.kept == 30
+    assert second["id"] == first["id"] and summary.counts["valid"] == 30
 
     # A changed file (new size / mtime) is a different cache entry.
     monkeypatch.undo()

@@ -121,7 +121,7 @@ def test_supervised_dataset_and_collator(data: Path, tokenizer):
         cache_dir=data / "cache",
     )
     assert isinstance(dataset, SupervisedDataset) and len(dataset) == 4
-    assert dataset.num_images == [1, 0, 2, 1]
+    assert [len(images) for images in dataset.samples["images"]] == [1, 0, 2, 1]
     assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(4)]
     items = [dataset[i] for i in range(3)]  # one image, text-only, two images
     assert items[1]["pixel_values"] is None
