@@ -1,7 +1,8 @@
 """Raw corpora -> canonical records in the LLaVA ``chat.json`` schema (no torch needed).
 
 Entry point: ``python -m dataprocess {build,validate,stats,images,features}``; see
-``dataprocess/README.md`` (``stats`` and ``features`` import torch; the rest never does).
+``dataprocess/README.md`` (``stats``, ``features`` and ``images --vision_model`` import the
+model stack inside the command; importing any module of this package never imports torch).
 The record schema lives in :mod:`dataprocess.schema`.
 """
 

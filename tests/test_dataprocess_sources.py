@@ -236,3 +236,17 @@ def test_file_level_fault_is_tallied_not_raised(tmp_path: Path) -> None:
     assert records == []
     assert [i.kind for i in tally.errors] == ["invalid_json"]
     assert str(path) in tally.errors[0].message
+
+
+def test_a_broken_jsonl_line_is_tallied_and_the_records_after_it_are_kept(tmp_path: Path) -> None:
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    lines = [
+        json.dumps({"id": "a", **good}),
+        '{"id": "b", "conversations": [',
+        json.dumps({"id": "c", **good}),
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records, tally = _run("llava", path)
+    assert [r.id for r in records] == ["a", "c"]
+    assert len(tally.errors) == 1 and "line 2" in tally.errors[0].message

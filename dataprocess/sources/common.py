@@ -13,9 +13,10 @@ from dataprocess.schema import ROLE_ALIASES, RecordError, iter_raw_records
 
 
 def iter_file(path: Path, tally: Tally) -> Iterator[tuple[int, dict]]:
-    """Yield raw records of one file; a file-level fault is tallied and ends the file."""
+    """Yield raw records of one file. A broken record slot (a JSONL line that does not parse) is
+    tallied and reading goes on; a fault of the whole file is tallied and ends the file."""
     try:
-        for index, raw in iter_raw_records(path):
+        for index, raw in iter_raw_records(path, on_error=tally.error):
             tally.counts["read"] += 1
             yield index, raw
     except RecordError as exc:
