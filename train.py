@@ -47,16 +47,42 @@ def build_model(config):
     return vlm, tokenizer
 
 
-def main(argv: list[str] | None = None):
-    """Trains; returns the Trainer (its `state.log_history` holds the losses)."""
-    config = parse_args(argv)
-    from transformers.trainer_utils import get_last_checkpoint
+def check_prompt_flags(config) -> None:
+    """Tokens that would break the chat layout every sample is rendered in, refused at start."""
+    from runtime.inference import CONTROL_TOKEN_TEXT, check_system_prompt
 
+    image_token = config.language_model.image_token
+    if image_token in CONTROL_TOKEN_TEXT:
+        raise ValueError(
+            f"--image_token {image_token!r} is a chat control token (image rows would replace the "
+            "turn markers); use a token of its own, e.g. '<|extra_0|>' for Qwen-7B"
+        )
+    check_system_prompt(config.data.system_prompt)
+
+
+def main(argv: list[str] | None = None):
+    """Trains; returns the Trainer (its `state.log_history` holds the losses). Everything that
+    can be refused (flags, output directory, the checkpoint to resume) is, before a model loads."""
+    config = parse_args(argv)
+    check_prompt_flags(config)
+    from runtime.resume import check_resume
+    from runtime.run_dir import claim_output_dir
+
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    with claim_output_dir(config.training, rank) as resume:  # locked until the run ends
+        if resume is not None:
+            check_resume(config, resume, world_size=world_size, rank=rank)
+        return run(config, resume, rank)
+
+
+def run(config, resume: str | None, rank: int = 0):
+    """Builds, trains and saves into the claimed output dir; `resume` is a checked checkpoint."""
     from model.checkpoint import describe, save_description
     from model.config import resolve_dtype
     from runtime.config import save_config
     from runtime.data import build_datasets
     from runtime.reporting import plot_loss_curve
+    from runtime.resume import TRAIN_CONFIG
     from runtime.trainer import VLMTrainer, training_arguments
 
     vlm, tokenizer = build_model(config)
@@ -67,9 +93,10 @@ def main(argv: list[str] | None = None):
         config.projector,
         system_prompt=config.data.system_prompt,
     )
-    if int(os.environ.get("RANK", "0")) == 0:  # a run that dies early still says what it was
-        save_config(config, Path(config.training.output_dir) / "train_config.yaml")
-        save_description(description, config.training.output_dir)
+    out = Path(config.training.output_dir)
+    if rank == 0:  # a run that dies early still says what it was
+        save_config(config, out / TRAIN_CONFIG)
+        save_description(description, out)
     train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
     dtype = resolve_dtype(config.language_model.dtype)
     trainer = VLMTrainer(
@@ -82,18 +109,11 @@ def main(argv: list[str] | None = None):
         run_config=config,
         description=description,
     )
-    resume = config.training.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(config.training.output_dir)
-        if resume is None:
-            logger.info("no checkpoint in %s yet: starting fresh", config.training.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.training.output_dir)
-    logger.info("saved the trained weights to %s", config.training.output_dir)
+    trainer.save_model(str(out))
+    logger.info("saved the trained weights to %s", out)
     if trainer.is_world_process_zero():
-        plot = plot_loss_curve(
-            trainer.state.log_history, Path(config.training.output_dir) / "loss.png"
-        )
+        plot = plot_loss_curve(trainer.state.log_history, out / "loss.png")
         if plot is not None:
             logger.info("loss curve: %s", plot)
     return trainer

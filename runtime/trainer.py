@@ -4,7 +4,8 @@
   (LoRA adapters, or the full LLM) uses `learning_rate`. The scheduler scales both groups, and both
   rates are logged (`learning_rate` is the LLM's, `learning_rate_projector` the projector's).
 - Checkpoints hold only the trainable weights (see `model/checkpoint.py`) plus the Trainer's
-  optimizer, scheduler, RNG and data-position state, so `resume_from_checkpoint` continues exactly.
+  optimizer, scheduler, RNG and data-position state, so `resume_from_checkpoint` continues exactly;
+  a missing or damaged file is refused, naming it, instead of skipped (`runtime/resume.py`).
 """
 
 from __future__ import annotations
@@ -13,19 +14,28 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from model.checkpoint import ADAPTER_DIR, LLM_DIR, load_projector_weights, save_trainable
+from model.checkpoint import CheckpointError, save_trainable
 from runtime.config import RunConfig, save_config
 from runtime.reporting import ThroughputCallback
+from runtime.resume import (
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    TORCH_LOAD_ERRORS,
+    TRAIN_CONFIG,
+    first_line,
+    load_torch_state,
+    load_trainable_state,
+    rng_state_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +118,7 @@ class VLMTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_trainable(model, self.processing_class, output_dir, self.description)
-        save_config(self.run_config, Path(output_dir) / "train_config.yaml")
+        save_config(self.run_config, Path(output_dir) / TRAIN_CONFIG)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -152,21 +162,47 @@ class VLMTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """`resume_from_checkpoint` resumes exactly (see `runtime/resume.py`); with the run's
+        `resume_weights_only` it loads only the trainable weights and starts a new run at step 0."""
+        if resume_from_checkpoint is None or not self.run_config.training.resume_weights_only:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        load_trainable_state(self.model, resume_from_checkpoint)
+        logger.warning(
+            "NOT AN EXACT RESUME (--resume_weights_only): loaded only the trainable weights of %s; "
+            "the optimizer, learning-rate schedule, data order and step count start fresh at "
+            "step 0, and --max_steps counts from there",
+            resume_from_checkpoint,
+        )
+        return super().train(**kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
-        checkpoint = Path(resume_from_checkpoint)
-        load_projector_weights(model, checkpoint)
-        adapter = checkpoint / ADAPTER_DIR / "adapter_model.safetensors"
-        if isinstance(model.llm, PeftModel):
-            if not adapter.is_file():
-                raise FileNotFoundError(f"{checkpoint}: no LoRA adapter to resume from ({adapter})")
-            result = set_peft_model_state_dict(model.llm, load_file(adapter))
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{adapter}: unexpected keys {result.unexpected_keys[:5]}")
-        elif (checkpoint / LLM_DIR).is_dir():
-            state = type(model.llm).from_pretrained(checkpoint / LLM_DIR).state_dict()
-            model.llm.load_state_dict(state)
-        logger.info("resumed trainable weights from %s", checkpoint)
+        load_trainable_state(model, resume_from_checkpoint)
+        logger.info("resumed trainable weights from %s", resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's version skips missing files and lets torch's errors through; this one
+        names the file (DeepSpeed and FSDP keep their own formats: the Trainer loads those)."""
+        if checkpoint is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        load_torch_state(self.optimizer, Path(checkpoint) / OPTIMIZER_FILE)
+        with warnings.catch_warnings():  # torch's reminder to also load the optimizer: done above
+            warnings.filterwarnings("ignore", message="Please also save or load the state")
+            load_torch_state(self.lr_scheduler, Path(checkpoint) / SCHEDULER_FILE)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The Trainer's version goes on without a missing file (not exact); this one refuses."""
+        if checkpoint is None:
+            return
+        path = rng_state_file(checkpoint, self.args.world_size, self.args.process_index)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing, so this resume would not be exact")
+        try:
+            super()._load_rng_state(checkpoint)
+        except (*TORCH_LOAD_ERRORS, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: damaged ({first_line(error)})") from None
 
 
 def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool):

@@ -1,10 +1,13 @@
 """Whole training runs on the tiny fixtures: stage 1 -> stage 2, QLoRA, exact resume after a
-kill, 2-process DDP, and what a run reports (tokens/s, loss curve)."""
+kill, weights-only resume, starting over in a used directory, 2-process DDP, and what a run reports
+(tokens/s, loss curve). All slow: each trains."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model.checkpoint import describe, load_vlm, save_trainable
+from demo.tiny_models import save_tiny_qwen
+from model.checkpoint import CheckpointError, describe, load_vlm, save_trainable
 from runtime.data import build_datasets
 from runtime.merge import merge_checkpoint
+from runtime.resume import load_trainable_state, resolve_resume
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
 
 def flags(tiny_qwen_dir, tiny_clip_dir, data_path, image_folder, out, **extra) -> list[str]:
@@ -43,7 +49,9 @@ def flags(tiny_qwen_dir, tiny_clip_dir, data_path, image_folder, out, **extra) -
         "seed": 7,
         **extra,
     }
-    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    switches = [f"--{key}" for key, value in settings.items() if value is True]
+    values = {key: value for key, value in settings.items() if value is not True}
+    return switches + [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
 @pytest.fixture
@@ -183,7 +191,8 @@ def test_qlora_trains_on_cpu_and_merges_in_full_precision(run_flags, tmp_path):
 def write_mixed_data(shapes_dir: Path, path: Path) -> None:
     """2 image + 2 text-only records, each answer one token + <|im_end|>, so every sample carries
     the same number of supervised tokens and a mean of per-rank means is the global mean."""
-    image = sorted((shapes_dir / "images").glob("*.png"))[:2]
+    # relative to the image folder, the only place training reads images from
+    image = [p.relative_to(shapes_dir) for p in sorted((shapes_dir / "images").glob("*.png"))[:2]]
     records = [
         {"id": "img0", "image": str(image[0]), "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the shape?"},
@@ -229,3 +238,62 @@ def test_two_processes_match_one_with_the_same_global_batch(
     assert len(got) == 3 and expected[0] != pytest.approx(expected[-1], rel=1e-3)  # it learned
     assert got == pytest.approx(expected, rel=1e-4)
     assert (double / "checkpoint-3" / "rng_state_1.pth").is_file()  # really two ranks
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoint-2 and checkpoint-4; tests copy what they change."""
+    out = tmp_path_factory.mktemp("finished")
+    data = shapes_dir / "train.json"
+    train.main(
+        flags(tiny_qwen_dir, tiny_clip_dir, data, shapes_dir, out, max_steps=4, save_steps=2)
+    )
+    return out
+
+
+def test_overwrite_output_dir_deletes_the_old_run_first(run_flags, finished_run, tmp_path, caplog):
+    out = tmp_path / "reused"
+    shutil.copytree(finished_run, out)
+    with pytest.raises(ValueError, match="another run's outputs"):
+        train.main(run_flags(out, max_steps=2, save_steps=2))
+    with caplog.at_level(logging.WARNING, logger="runtime.run_dir"):
+        train.main(run_flags(out, max_steps=2, save_steps=2, overwrite_output_dir=True))
+    assert "deleted the previous run's" in caplog.text and "checkpoint-4" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    latest = resolve_resume(
+        train.parse_args(run_flags(out, resume_from_checkpoint="latest")).training
+    )
+    assert json.loads((Path(latest) / "trainer_state.json").read_text())["max_steps"] == 2  # new
+
+
+def test_resume_weights_only_loads_the_weights_and_starts_at_step_0(
+    run_flags, finished_run, tmp_path, caplog
+):
+    checkpoint = tmp_path / "old" / "checkpoint-2"
+    shutil.copytree(finished_run / "checkpoint-2", checkpoint)
+    (checkpoint / "optimizer.pt").unlink()
+    resume = dict(resume_from_checkpoint=checkpoint, max_steps=1)
+    with pytest.raises(CheckpointError, match="optimizer.pt: missing"):
+        train.main(run_flags(tmp_path / "new", **resume))
+    frozen = dict(learning_rate=0.0, feature_proj_lr=0.0)  # the final weights are the loaded ones
+    with caplog.at_level(logging.WARNING, logger="runtime.trainer"):
+        trainer = train.main(
+            run_flags(tmp_path / "new", resume_weights_only=True, **resume, **frozen)
+        )
+    assert "NOT AN EXACT RESUME" in caplog.text
+    assert trainer.state.global_step == 1  # counted from 0
+    expected, got = final_weights(checkpoint), final_weights(tmp_path / "new")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_weights_that_do_not_fit_name_the_file_and_the_shapes(run_flags, finished_run, tmp_path):
+    checkpoint = finished_run / "checkpoint-2"
+    vlm, _ = train.build_model(train.parse_args(run_flags(tmp_path, lora_rank=8)))
+    shapes = r"size mismatch .*torch.Size\(\[4, 64\]\).*torch.Size\(\[8, 64\]\)"
+    with pytest.raises(CheckpointError, match=f"adapter_model.safetensors: does not fit.*{shapes}"):
+        load_trainable_state(vlm, checkpoint)
+    other_llm = save_tiny_qwen(tmp_path / "other-qwen", seed=1)
+    vlm, _ = train.build_model(train.parse_args(run_flags(tmp_path, language_model=other_llm)))
+    with pytest.raises(CheckpointError, match="trained on other language_model weights"):
+        load_trainable_state(vlm, checkpoint)
