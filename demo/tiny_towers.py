@@ -225,3 +225,118 @@ def _save_hf(model: torch.nn.Module, path: Path, preprocess: dict[str, Any]) -> 
     model.save_pretrained(path)
     (path / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2))
     return path
+
+
+# A Qwen-VL visual encoder at toy size: 56 px / 14 = a 4x4 grid (the stored 16x16 ViT position
+# table is resized down to it), 4 queries (2x2, so the resampler's key positions are resized up).
+# n_queries is absent from the real config (visual.py's default is 256); a tiny one must say it.
+TINY_QWEN_VL = {
+    "image_size": 56,
+    "patch_size": 14,
+    "width": 32,
+    "layers": 2,
+    "heads": 4,
+    "mlp_ratio": 2.0,
+    "output_dim": 256,
+    "n_queries": 4,
+    "image_start_id": 151857,
+}
+
+
+def save_tiny_qwen_vl(
+    path: str | Path,
+    seed: int = 0,
+    weights_format: str = "bin",
+    num_shards: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    **visual: Any,
+) -> Path:
+    """Write a random Qwen-VL checkpoint in the release layout.
+
+    config.json carries the `visual` section (TINY_QWEN_VL, updated by `visual`); the encoder's
+    tensors, named `transformer.visual.*` and stored in `dtype` (bf16, as released), are spread
+    over `num_shards` shards (`weights_format` "bin" or "safetensors") with their index json. The
+    first shard holds only tensors of a stand-in language model, the others mix both, as in the
+    released shards.
+    """
+    from visual.qwen_vl_checkpoint import PREFIX, QwenVLVisualConfig
+
+    section = {**TINY_QWEN_VL, **visual}
+    config = QwenVLVisualConfig.from_dict(section, "save_tiny_qwen_vl")
+    generator = torch.Generator().manual_seed(seed)
+    visual_state = {PREFIX + k: v for k, v in random_qwen_vl_state(config, generator).items()}
+    lm_state = {
+        "transformer.wte.weight": torch.randn(64, 16, generator=generator),
+        "transformer.h.0.attn.c_attn.weight": torch.randn(48, 16, generator=generator),
+        "transformer.ln_f.weight": torch.ones(16),
+        "lm_head.weight": torch.randn(64, 16, generator=generator),
+    }
+    names = list(visual_state)
+    chunks = [names[i :: num_shards - 1] for i in range(num_shards - 1)]  # shards 2..n: visual
+    lm_names = list(lm_state)
+    shards = [lm_names[:2], *[chunk + lm_names[2 + i : 3 + i] for i, chunk in enumerate(chunks)]]
+    state = {k: v.to(dtype).contiguous() for k, v in {**lm_state, **visual_state}.items()}
+    config_json = {"visual": section, "torch_dtype": str(dtype).removeprefix("torch.")}
+    return _save_sharded(Path(path), state, shards, weights_format, config_json)
+
+
+def random_qwen_vl_state(config: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random values for every encoder tensor (module names), scaled like a trained one: unit
+    LayerNorms with some spread, 1/sqrt(fan_in) matrices, the resampler's 2D sin-cos table."""
+    from visual.qwen_vl_tower import expected_shapes
+
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        noise = torch.randn(shape, generator=generator)
+        if name == "attn_pool.pos_embed":
+            state[name] = sincos_table(config.output_dim, int(config.n_queries**0.5))
+        elif ".ln" in f".{name}" and name.endswith(".weight"):  # LayerNorm scales
+            state[name] = 1.0 + 0.1 * noise
+        elif len(shape) == 1:  # biases
+            state[name] = 0.1 * noise
+        else:  # matrices, the conv kernel, the query and position tables: 1/sqrt(last dims)
+            fan_in = noise[0].numel() if len(shape) > 1 else 1
+            state[name] = noise / fan_in**0.5
+    return state
+
+
+def sincos_table(dim: int, side: int) -> torch.Tensor:
+    """MAE's 2D sin-cos table [side*side, dim]: first half encodes the column, second the row."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1).float() * omega  # [side*side, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1)  # [side*side, dim]
+
+
+def _save_sharded(
+    out: Path,
+    state: dict[str, torch.Tensor],
+    shards: list[list[str]],
+    weights_format: str,
+    config: dict[str, Any],
+) -> Path:
+    from safetensors.torch import save_file
+
+    if weights_format not in ("bin", "safetensors"):
+        raise ValueError(f"weights_format={weights_format!r} is not one of bin, safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "pytorch_model" if weights_format == "bin" else "model"
+    weight_map = {}
+    for number, names in enumerate(shards, start=1):
+        file = f"{stem}-{number:05d}-of-{len(shards):05d}.{weights_format}"
+        part = {name: state[name] for name in names}
+        if weights_format == "bin":
+            torch.save(part, out / file)
+        else:
+            save_file(part, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / f"{stem}.{weights_format}.index.json").write_text(json.dumps(index, indent=2))
+    config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], **config}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

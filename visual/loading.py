@@ -7,7 +7,7 @@ import torch
 from visual.preprocessing import DEFAULT_ASPECT_RATIO, pads_to_square
 from visual.tower import VisionTower
 
-LIBRARIES = ("transformers", "open_clip")
+LIBRARIES = ("transformers", "open_clip", "qwen_vl")
 
 
 def load_vision_tower(
@@ -24,9 +24,12 @@ def load_vision_tower(
     library="transformers": `name_or_path` is a hub id or a local dir of a CLIP/SigLIP
     checkpoint (full or vision-only). library="open_clip": a model name (with `pretrained`, a
     tag or weights file), "local-dir:/path", "hf-hub:org/repo", or a dir with
-    open_clip_config.json. `feature_layer` follows the hidden_states convention (-2 = LLaVA's
-    penultimate layer). `dtype` defaults to float32. The returned tower's `settings` rebuild it:
-    `load_vision_tower(**tower.settings)`.
+    open_clip_config.json. library="qwen_vl": the visual encoder of a Qwen-VL / Qwen-VL-Chat
+    checkpoint dir or hub id, or a tower made by `python -m visual.qwen_vl extract`.
+    `feature_layer` follows the hidden_states convention (-2 = LLaVA's penultimate layer); for
+    qwen_vl the resampler output is appended to that list, so -1 selects it (see
+    visual/qwen_vl_tower.py). `dtype` defaults to float32. The returned tower's `settings`
+    rebuild it: `load_vision_tower(**tower.settings)`.
     """
     pads_to_square(image_aspect_ratio)  # fail on a bad flag before loading any weights
     if library == "transformers":
@@ -41,4 +44,10 @@ def load_vision_tower(
         return load_open_clip_tower(
             name_or_path, pretrained, feature_layer, image_aspect_ratio, dtype, device
         )
+    if library == "qwen_vl":
+        if pretrained is not None:
+            raise ValueError("pretrained= applies to library='open_clip' only")
+        from visual.qwen_vl_tower import load_qwen_vl_tower
+
+        return load_qwen_vl_tower(name_or_path, feature_layer, image_aspect_ratio, dtype, device)
     raise ValueError(f"library={library!r} is not one of {', '.join(LIBRARIES)}")
