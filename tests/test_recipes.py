@@ -40,6 +40,9 @@ def test_the_named_recipes_exist():
         "qwen7b_chat_siglip384",
         "qwen7b_chat_clip336_qlora",
         "qwen25_7b_clip336",
+        "qwen_vl_visual_qwen2_0.5b_stage1",
+        "qwen_vl_visual_qwen2_0.5b_stage2",
+        "qwen_vl_visual_qwen2_0.5b_stage3",
     } <= names
 
 
