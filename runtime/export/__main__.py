@@ -1,0 +1,56 @@
+"""Export a checkpoint as a standalone transformers LLaVA directory.
+
+    python -m runtime.export outputs/run1 exports/run1 [--dtype bfloat16] [--overwrite]
+
+CHECKPOINT is a training output, a checkpoint-N directory or a `runtime.merge` output. Towers and
+projectors LLaVA cannot hold (open_clip, Qwen-VL's, the resampler) are refused before anything is
+written; a non-empty OUT_DIR is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from model.checkpoint import CheckpointError
+from runtime.export.writer import DEFAULT_SHARD_SIZE, EXPORT_DTYPES, export_checkpoint
+
+logger = logging.getLogger("runtime.export")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export a checkpoint as a transformers LLaVA.")
+    parser.add_argument("checkpoint", help="a training output, checkpoint-N or merged directory")
+    parser.add_argument("out_dir", help="where the LLaVA directory is written (new or empty)")
+    parser.add_argument("--dtype", default="bfloat16", choices=EXPORT_DTYPES)
+    parser.add_argument("--max_shard_size", default=DEFAULT_SHARD_SIZE, help="e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--language_model", help="override the base LLM path recorded in training")
+    parser.add_argument("--vision_model", help="override the vision tower path")
+    parser.add_argument(
+        "--allow_other_base",
+        action="store_true",
+        help="export with base weights that differ from the ones the checkpoint was trained on",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            language_model=args.language_model,
+            vision_model=args.vision_model,
+            allow_other_base=args.allow_other_base,
+        )
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        logger.error("%s", error)
+        sys.exit(2)
+    print(f"LLaVA model written to {out}")
+
+
+if __name__ == "__main__":
+    main()
