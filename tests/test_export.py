@@ -251,6 +251,10 @@ def test_export_is_byte_identical_sharded_and_in_the_dtype(exports, work):
     assert len(shards) > 1 and (first / "model.safetensors.index.json").is_file()
     for name in [*shards, "model.safetensors.index.json", "config.json", "tokenizer.json"]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    weight_map = json.loads((first / "model.safetensors.index.json").read_text())["weight_map"]
+    layout = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.",
+              "vision_tower.vision_model.")  # fmt: skip
+    assert all(name.startswith(layout) for name in weight_map)  # the llava-hf checkpoints' names
     config = json.loads((first / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["text_config"]["model_type"] == "qwen2"
     assert config["text_config"]["architectures"] == ["Qwen2ForCausalLM"]

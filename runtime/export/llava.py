@@ -205,6 +205,18 @@ def llava_state_dict(vlm: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def saved_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the vision tower under `vision_model.`, as in the LLaVA checkpoints written
+    before transformers 5 (what vLLM, SGLang and transformers 4 read); transformers 5 strips the
+    prefix again on load (its CLIPVisionModel / SiglipVisionModel PrefixChange)."""
+    return {
+        VISION_PREFIX + "vision_model." + name[len(VISION_PREFIX) :]
+        if name.startswith(VISION_PREFIX)
+        else name: tensor
+        for name, tensor in state.items()
+    }
+
+
 @torch.no_grad()
 def build_llava(vlm: VisionLanguageModel) -> LlavaForConditionalGeneration:
     """A stock LLaVA holding copies of `vlm`'s weights, each part in its own dtype, on its device."""

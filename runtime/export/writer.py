@@ -21,7 +21,12 @@ from model.checkpoint import load_vlm, read_description
 from model.config import DTYPES
 from qwen import QWenLMHeadModel
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
-from runtime.export.llava import llava_config, llava_state_dict, qwen_extrapolation_note
+from runtime.export.llava import (
+    llava_config,
+    llava_state_dict,
+    qwen_extrapolation_note,
+    saved_layout,
+)
 from runtime.export.processor import llava_processor, pad_color_note
 from runtime.export.tokenizer import export_tokenizer, stop_ids
 from runtime.outputs import atomic_directory, check_destination
@@ -98,7 +103,8 @@ def export_checkpoint(
         do_sample=False,
     )
     with atomic_directory(out_dir, overwrite=overwrite, flag="OUT_DIR") as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        state = saved_layout(model.state_dict())
+        model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
         for shard in staging.glob("*.safetensors"):  # written 0600 via a temporary file
             shard.chmod((staging / "config.json").stat().st_mode)
