@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip (and count) records or files whose image does not load")  # fmt: skip
     p.add_argument("--output_file", help="where evaluation answers and the score are written")
     p.add_argument("--system_prompt", help="default: the one recorded at training time")
+    p.add_argument("--draw_boxes", metavar="DIR",
+                   help="write each answer's <box>es drawn on its image to DIR/<name>.png")  # fmt: skip
     GenerationSettings.add_flags(p)
     return p.parse_args(argv)
 
@@ -57,6 +60,8 @@ def check_args(args) -> None:
         check_system_prompt(args.system_prompt)
     if args.data_path and not Path(args.data_path).is_file():
         raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
+    if args.draw_boxes and Path(args.draw_boxes).exists() and not Path(args.draw_boxes).is_dir():
+        raise ValueError(f"--draw_boxes {args.draw_boxes}: not a directory")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise FileNotFoundError(f"--image_folder {args.image_folder}: no such directory")
     if not args.data_path and not args.image_path and "<image>" in args.prompt:
@@ -79,13 +84,30 @@ def run_prompts(args, session) -> None:
             logger.warning("skipped: %s", error)
             continue
         print(f"{image or '(no image)'}\t{reply}" if args.image_path else reply, flush=True)
+        draw_boxes(args, image and Path(image).stem, image, reply)
         if not args.chat:
             continue
-        for line in sys.stdin:  # each further line is the next user turn about the same image
+        for turn, line in enumerate(sys.stdin, 2):  # each further line: the next user turn
             roles += ["assistant", "user"]
             contents += [reply, line.rstrip("\n")]
             reply = session.answer(roles, contents, picture)
             print(reply, flush=True)
+            draw_boxes(args, image and f"{Path(image).stem}_turn{turn}", image, reply)
+
+
+def draw_boxes(args, name: str | None, image, reply: str) -> None:
+    """--draw_boxes: the reply's boxes drawn on the image it is about, as DIR/<name>.png (the web
+    chat's drawing, `dataprocess.boxes`); nothing when the reply has no box."""
+    if not args.draw_boxes or image is None:
+        return
+    from dataprocess.boxes import draw_answer_boxes
+    from visual import load_image
+
+    drawing = draw_answer_boxes(load_image(image), reply)
+    if drawing is not None:
+        Path(args.draw_boxes).mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^\w.-]", "_", name)  # a record id may hold "/"
+        drawing.save(Path(args.draw_boxes) / f"{safe}.png")
 
 
 def run_evaluation(args, session) -> dict:
@@ -118,6 +140,7 @@ def run_evaluation(args, session) -> dict:
             logger.warning("skipped %s", message)
             skipped.append({"id": record.id, "error": str(error)})
             continue
+        draw_boxes(args, record.id, images[-1] if images else None, prediction)
         correct = exact_match(prediction, reference)
         results.append({"id": record.id, "turns": len(turns) // 2, "prediction": prediction,
                         "reference": reference, "correct": correct})  # fmt: skip

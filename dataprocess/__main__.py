@@ -1,4 +1,4 @@
-"""``python -m dataprocess {build,validate,stats,images,features}``: the data-preparation CLI.
+"""``python -m dataprocess {build,validate,stats,images,features,boxes}``: the data-preparation CLI.
 
 - ``build --config dataprocess/config.yaml``: convert, sample, merge, validate, write chat.json
   plus ``<output>.report.json`` (and ``<output>.dropped.jsonl`` when records were rejected).
@@ -12,6 +12,8 @@
 - ``features --data chat.json --image_folder DIR --vision_model M --out DIR``: encode every image
   once with the frozen tower into a feature cache for ``train.py --feature_cache DIR`` (imports
   torch and ``visual``; see ``visual/feature_cache.py``).
+- ``boxes --data chat.json --image_folder DIR --id RECORD_ID --out box.png``: draw a record's
+  boxes (Qwen ``<box>`` or LLaVA ``[x1, y1, x2, y2]``) on its image (``dataprocess/boxes.py``).
 
 Image paths must stay inside ``--image_folder`` (no absolute path, no ``..``) unless
 ``--allow_outside_image_folder``. Exit status 1 when errors remain (``--drop_invalid`` writes the
@@ -65,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_stats_parser(sub)
     _add_images_parser(sub)
     _add_features_parser(sub)
+    boxes = sub.add_parser("boxes", help="draw a record's boxes on its image (PNG)")
+    _flag(boxes, "data", type=Path, required=True)
+    _flag(boxes, "image_folder", type=Path, required=True)
+    _flag(boxes, "id", required=True, help="the record's id")
+    _flag(boxes, "out", type=Path, required=True, help="PNG path; _<k> added per further image")
+    _outside_flag(boxes)
     return parser
 
 
@@ -275,6 +283,29 @@ def _run_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_boxes(args: argparse.Namespace) -> int:
+    from dataprocess.boxes import draw_record_boxes
+    from dataprocess.schema import iter_raw_records, parse_record
+
+    for index, raw in iter_raw_records(args.data):
+        if str(raw.get("id")) == args.id:
+            record = parse_record(raw, source=str(args.data), index=index)
+            break
+    else:
+        raise ValueError(f"--id {args.id}: no such record in {args.data}")
+    drawings = draw_record_boxes(
+        record, args.image_folder, allow_outside=args.allow_outside_image_folder
+    )
+    if not drawings:
+        raise ValueError(f"record {args.id!r} in {args.data} has no box")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for k, (_, drawing) in enumerate(drawings):
+        path = args.out if k == 0 else args.out.with_name(f"{args.out.stem}_{k}{args.out.suffix}")
+        drawing.save(path)
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run one subcommand; returns the exit status."""
     from dataprocess.config import ConfigError
@@ -291,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "stats": _run_stats,
         "images": _run_images,
         "features": _run_features,
+        "boxes": _run_boxes,
     }
     try:
         return runners[args.command](args)

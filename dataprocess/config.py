@@ -12,8 +12,11 @@ from typing import Any
 
 import yaml
 
+from dataprocess.boxes import BOX_FORMATS
+
 FORMATS = ("llava", "qwen_vl", "aic_captions", "coco_captions", "sharegpt")
 SAMPLE_MODES = ("all", "first", "random")
+BOX_SOURCES = ("llava", "qwen_vl")  # the formats whose text holds boxes
 DEFAULT_PROMPTS = {
     "aic_captions": ["这幅图像描述了什么？", "请用一句话描述这张图片。", "图中有什么？"],
     "coco_captions": [
@@ -41,6 +44,7 @@ class SourceConfig:
     seed: int = 0  # for sample "random" and for prompt choice
     prompts: tuple[str, ...] = ()  # caption sources: instructions drawn per record
     join_lines: bool = False  # caption sources: replace newlines inside a caption by a space
+    box_format: str = "keep"  # llava / qwen_vl sources: rewrite boxes (dataprocess.boxes)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,11 @@ def _parse_source(raw: Any, base: Path, where: str) -> SourceConfig:
         raise ConfigError(f"{where}: 'prompts' must be a list of non-empty strings")
     if fmt in DEFAULT_PROMPTS and not prompts:
         raise ConfigError(f"{where}: a caption source needs at least one prompt")
+    box_format = raw.get("box_format", "keep")
+    if box_format not in BOX_FORMATS:
+        raise ConfigError(f"{where}: box_format {box_format!r}; allowed: {', '.join(BOX_FORMATS)}")
+    if box_format != "keep" and fmt not in BOX_SOURCES:
+        raise ConfigError(f"{where}: box_format applies to {' and '.join(BOX_SOURCES)} sources")
     known = {
         "name",
         "format",
@@ -114,6 +123,7 @@ def _parse_source(raw: Any, base: Path, where: str) -> SourceConfig:
         "seed",
         "prompts",
         "join_lines",
+        "box_format",
     }
     unknown = set(raw) - known
     if unknown:
@@ -128,6 +138,7 @@ def _parse_source(raw: Any, base: Path, where: str) -> SourceConfig:
         seed=seed,
         prompts=tuple(prompts),
         join_lines=bool(raw.get("join_lines", False)),
+        box_format=box_format,
     )
 
 

@@ -4,6 +4,8 @@
 ``llava_v1_5_mix665k.json`` (int ids, text-only records with a ``model`` key) and the LinkSoul
 Chinese translations all share one schema, so they are read as-is and checked.
 
+``box_format: qwen`` rewrites LLaVA ``[x1, y1, x2, y2]`` boxes as Qwen-VL ``<box>`` text.
+
 ``sharegpt``: text-only chats. Raw ShareGPT may start with the assistant or end with the user;
 those turns are dropped and logged (the FastChat rules). A literal ``<image>`` in text-only data
 would become an image placeholder downstream, so such records are rejected.
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from dataprocess.config import SourceConfig
 from dataprocess.report import Tally
 from dataprocess.schema import IMAGE_MARKER, Record, RecordError, parse_record
-from dataprocess.sources.common import drop_leading_assistant, iter_file, role_of
+from dataprocess.sources.common import apply_box_format, drop_leading_assistant, iter_file, role_of
 
 
 def convert_llava(source: SourceConfig, tally: Tally) -> Iterator[Record]:
@@ -24,7 +26,8 @@ def convert_llava(source: SourceConfig, tally: Tally) -> Iterator[Record]:
     for path in source.paths:
         for index, raw in iter_file(path, tally):
             try:
-                yield parse_record(raw, source=str(path), index=index)
+                record = parse_record(raw, source=str(path), index=index)
+                yield apply_box_format(record, source, tally)
             except RecordError as exc:
                 tally.error(exc)
 

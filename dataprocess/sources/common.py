@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dataprocess.boxes import convert_box_text
+from dataprocess.config import SourceConfig
 from dataprocess.report import Tally
-from dataprocess.schema import ROLE_ALIASES, RecordError, iter_raw_records
+from dataprocess.schema import ROLE_ALIASES, Record, RecordError, Turn, iter_raw_records
 
 
 def iter_file(path: Path, tally: Tally) -> Iterator[tuple[int, dict]]:
@@ -81,3 +84,22 @@ def drop_leading_assistant(
 def choose_prompt(prompts: tuple[str, ...], seed: int, record_id: str) -> str:
     """Pick a prompt from the record id and the seed, so a record's prompt never depends on order."""
     return random.Random(f"{seed}|{record_id}").choice(prompts)
+
+
+def apply_box_format(record: Record, source: SourceConfig, tally: Tally) -> Record:
+    """Rewrite the record's boxes in the source's ``box_format`` (``keep`` leaves it as it is);
+    a changed record is logged, a malformed ``<box>`` raises RecordError naming the record."""
+    if source.box_format == "keep":
+        return record
+    try:
+        turns = tuple(
+            Turn(t.role, convert_box_text(t.content, source.box_format)) for t in record.turns
+        )
+    except ValueError as exc:
+        raise RecordError(
+            str(exc), kind="bad_box", record_id=record.id, source=record.source
+        ) from None
+    if turns == record.turns:
+        return record
+    tally.change("converted_boxes", record.id, record.source, f"boxes to {source.box_format}")
+    return replace(record, turns=turns)

@@ -2,8 +2,9 @@
 
 Images sit inline as ``Picture N: <img>PATH</img>`` (with or without the space after the colon);
 each becomes an ``<image>`` marker and PATH joins the record's image list, in order. Boxes,
-``<ref>text</ref><box>(x1,y1),(x2,y2)</box>`` with integers in [0, 1000), stay as text; the
-validator checks their range. URLs are rejected: chat.json holds local paths only.
+``<ref>text</ref><box>(x1,y1),(x2,y2)</box>`` with integers in [0, 1000), stay as text (the
+validator checks their range) unless ``box_format: llava`` rewrites them as ``[x1, y1, x2, y2]``.
+URLs are rejected: chat.json holds local paths only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from dataprocess.config import SourceConfig
 from dataprocess.report import Tally
 from dataprocess.schema import IMAGE_MARKER, Record, RecordError, parse_record
-from dataprocess.sources.common import drop_leading_assistant, iter_file, role_of
+from dataprocess.sources.common import apply_box_format, drop_leading_assistant, iter_file, role_of
 
 # "Picture 1: <img>a.jpg</img>\n" -> "<image>\n"; the "Picture N:" prefix is optional.
 PICTURE_RE = re.compile(r"(?:Picture\s*\d+:\s?)?<img>(.*?)</img>\n?", re.DOTALL)
@@ -74,6 +75,7 @@ def convert_qwen_vl(source: SourceConfig, tally: Tally) -> Iterator[Record]:
                 converted = {"id": raw.get("id"), "conversations": turns}
                 if images:
                     converted["image"] = images
-                yield parse_record(converted, source=str(path), index=index)
+                record = parse_record(converted, source=str(path), index=index)
+                yield apply_box_format(record, source, tally)
             except RecordError as exc:
                 tally.error(exc)
