@@ -12,6 +12,10 @@ checkpoint's recorded system prompt unless the conversation starts with its own)
 "\\n", and "<|im_start|>assistant\\n" as the generation prompt. An image item renders as the
 placeholder token followed by "\\n" (test.py's "<image>\\n" before a prompt); the text "<image>"
 in a string content becomes the placeholder too. `tests/test_export.py` checks the ids.
+
+One difference remains: training encodes a role name, its "\\n" and the content separately, while
+a tokenizer splits rendered text only at control tokens, so a content that starts with a newline
+("\\nHello") merges it with the role's ("\\n\\n" is one token). Other contents give equal ids.
 """
 
 from __future__ import annotations
