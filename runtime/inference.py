@@ -3,7 +3,8 @@
 `InferenceSession` holds a loaded VLM, its tokenizer, the system prompt recorded at training time
 and the generation settings. Its prompt is rendered by the code that renders training samples
 (`dataset.conversation.encode_prompt`), so the prompt for turn k is the training rendering of the
-same history, token for token. `test.py`, evaluation and any application answer through it.
+same history, token for token. `test.py`, evaluation and any application answer through it:
+`answer` for one conversation, `answer_batch` for several in one left-padded `generate` call.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from dataprocess.schema import IMAGE_MARKER
 from dataset.conversation import encode_prompt
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 CONTROL_TOKEN_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+ImageInput = Path | str | Image.Image  # a file, or an image already decoded (e.g. from a TSV)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class GenerationSettings:
             "repetition_penalty": self.repetition_penalty,
             "eos_token_id": chat_stop_ids(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
+            "use_cache": True,  # a model config may say False (training); decoding needs the cache
         }
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -137,34 +144,164 @@ class InferenceSession:
             system_prompt=system_prompt or self.system_prompt,
         )
 
-    @torch.no_grad()
     def answer(
         self,
         roles: Sequence[str],
         contents: Sequence[str],
-        images: Sequence[Path | str] = (),
+        images: Sequence[ImageInput] = (),
         settings: GenerationSettings | None = None,
         system_prompt: str | None = None,
     ) -> str:
         """The assistant's reply to `contents` (user/assistant turns ending with a user turn);
         one `<image>` marker per image across the turns, in order."""
-        markers = sum(content.count(IMAGE_MARKER) for content in contents)
-        if markers != len(images):
+        return self.answer_batch([(roles, contents)], [images], settings, [system_prompt])[0]
+
+    def stream(
+        self,
+        roles: Sequence[str],
+        contents: Sequence[str],
+        images: Sequence[ImageInput] = (),
+        settings: GenerationSettings | None = None,
+        system_prompt: str | None = None,
+    ) -> Iterator[str]:
+        """`answer`, in pieces as the tokens come; the pieces join to `answer`'s text.
+
+        `answer_batch` runs in a thread with a streamer; its errors are raised here. Closing the
+        iterator early (a web page's stop button) stops the generation at its next token.
+        """
+        streamer = _ReplyStreamer(self)
+        outcome: list = []
+
+        def run() -> None:
+            try:
+                replies = self.answer_batch(
+                    [(roles, contents)], [images], settings, [system_prompt], streamer=streamer
+                )
+                outcome.append(replies[0])
+            except BaseException as error:  # handed to the reader below
+                outcome.append(error)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        sent = ""
+        try:
+            for text in streamer.texts():
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+        finally:
+            streamer.cancelled.set()
+            thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        if outcome[0].startswith(sent) and len(outcome[0]) > len(sent):
+            yield outcome[0][len(sent) :]
+
+    @torch.no_grad()
+    def answer_batch(
+        self,
+        conversations: Sequence[tuple[Sequence[str], Sequence[str]]],
+        images_per_conversation: Sequence[Sequence[ImageInput]],
+        settings: GenerationSettings | None = None,
+        system_prompts: Sequence[str | None] | None = None,
+        *,
+        streamer: BaseStreamer | None = None,
+    ) -> list[str]:
+        """Replies to several conversations (`(roles, contents)` each) in one `generate` call.
+
+        Prompts are left-padded to one length with an attention mask, so every row's next token
+        sits in the last column; QWen and transformers' `generate` take each row's positions from
+        the mask (cumulative sum), so greedy replies equal one-at-a-time replies. Images are files
+        or PIL images; their feature rows are spliced in row-major order (batch, then turn).
+        `streamer` receives the new ids as they come (`stream` passes one).
+        """
+        if len(images_per_conversation) != len(conversations):
             raise ValueError(
-                f"the conversation has {markers} {IMAGE_MARKER} marker(s) but {len(images)} "
-                "image(s) were given; put one marker per image"
+                f"{len(conversations)} conversations but {len(images_per_conversation)} image lists"
             )
+        systems = system_prompts or [None] * len(conversations)
+        prompts, pictures = [], []
+        for index, ((roles, contents), images) in enumerate(
+            zip(conversations, images_per_conversation, strict=True)
+        ):
+            markers = sum(content.count(IMAGE_MARKER) for content in contents)
+            if markers != len(images):
+                where = f"conversation {index}: " if len(conversations) > 1 else ""
+                raise ValueError(
+                    f"{where}the conversation has {markers} {IMAGE_MARKER} marker(s) but "
+                    f"{len(images)} image(s) were given; put one marker per image"
+                )
+            prompts.append(self.prompt_ids(roles, contents, systems[index]))
+            pictures.extend(load_image(image) for image in images)
         settings = settings or self.settings
-        prompt = self.prompt_ids(roles, contents, system_prompt)
-        input_ids = torch.tensor([prompt], device=self.device)  # [1, T]
+        input_ids, attention_mask = self.left_padded(prompts)  # [B, T] each
         pixel_values = None
-        if images:
-            pixel_values = self.vlm.vision.preprocess([load_image(p) for p in images])
-            pixel_values = pixel_values.to(self.device)  # [n_img, 3, H, W]
+        if pictures:
+            pixel_values = self.vlm.vision.preprocess(pictures).to(self.device)  # [n_img, 3, H, W]
         new_ids = self.vlm.generate(
-            input_ids, pixel_values=pixel_values, **settings.generate_kwargs(self.tokenizer)
-        )  # [1, new]
-        return self.tokenizer.decode(new_ids[0].tolist(), skip_special_tokens=True).strip()
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            **settings.generate_kwargs(self.tokenizer),
+            streamer=streamer,
+        )  # [B, new]
+        stops = set(chat_stop_ids(self.tokenizer))
+        return [self._decode(row, stops) for row in new_ids.tolist()]
+
+    def left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` and `attention_mask` `[B, T]`, padding on the left (1 = real token)."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _decode(self, ids: list[int], stops: set[int]) -> str:
+        """Text up to the first stop id: a finished row is filled with padding after it."""
+        end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
+class _StreamCancelled(Exception):
+    """Raised inside `generate` (from the streamer) when the reader of `stream` has gone."""
+
+
+class _ReplyStreamer(BaseStreamer):
+    """Collects the new ids of a one-row `generate` and hands out the reply decoded so far,
+    decoded as `answer` decodes it; a text cut inside a multi-byte character waits."""
+
+    def __init__(self, session: InferenceSession) -> None:
+        self.session = session
+        self.stops = set(chat_stop_ids(session.tokenizer))
+        self.ids: list[int] = []
+        self.prompt_seen = False
+        self.cancelled = threading.Event()
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.cancelled.is_set():
+            raise _StreamCancelled
+        if not self.prompt_seen:  # generate puts the prompt first
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.session._decode(self.ids, self.stops)
+        if not text.endswith("\ufffd"):
+            self.queue.put(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def texts(self) -> Iterator[str]:
+        while (text := self.queue.get()) is not None:
+            yield text
 
 
 def image_files(path: str | Path) -> list[Path]:

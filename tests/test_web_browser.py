@@ -1,0 +1,406 @@
+"""The web chat (`python -m runtime.web`) in a real headless Chromium, and its parts without one.
+
+The browser tests serve a tiny random checkpoint on a free localhost port, upload a held-out
+shapes image, ask its question and read the streamed answer from the page: it must equal
+test.py's answer. Two tabs asking at once each get their own answer (the queue runs one at a
+time); a non-image and a too-large upload each show a message and the server keeps answering.
+A screenshot goes to the test's tmp dir and to outputs/web_test_screenshot.png.
+
+They need Debian's `chromium` and `chromium-driver` (no browser download here) and are skipped,
+loudly, without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataprocess.boxes import Box, coco_to_qwen
+from model.builder import build_vlm
+from model.checkpoint import describe, save_trainable
+from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
+from model.trainable import configure_trainable
+from runtime.inference import GenerationSettings, InferenceSession
+
+gr = pytest.importorskip("gradio", reason="gradio is not installed (requirements-web.txt)")
+from runtime.web import app as web_app  # noqa: E402 - needs gradio
+from runtime.web.chat import ChatInputError, session_inputs, settings_from  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+MAX_NEW_TOKENS = 8
+SCREENSHOT = REPO / "outputs" / "web_test_screenshot.png"
+GROUNDING_SCREENSHOT = REPO / "outputs" / "web_test_grounding.png"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir) -> Path:
+    """A tiny random checkpoint, built as tests/test_checkpoint_loading.py builds one."""
+    language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
+    vision = VisionConfig(vision_model=str(tiny_clip_dir))
+    torch.manual_seed(0)
+    vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
+    configure_trainable(vlm, LoraSettings(lora_rank=4))
+    description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="s")
+    out = tmp_path_factory.mktemp("web-ckpt")
+    save_trainable(vlm, tokenizer, out, description)
+    return out
+
+
+@pytest.fixture(scope="module")
+def session(checkpoint) -> InferenceSession:
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    return InferenceSession.from_checkpoint(checkpoint, dtype="float32", settings=settings)
+
+
+def held_out(shapes_dir: Path, index: int) -> tuple[Path, str]:
+    """A test-split image and its first question (without the <image> marker)."""
+    record = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))[index]
+    return shapes_dir / record["image"], record["conversations"][0]["value"].split("\n", 1)[1]
+
+
+def answer_of_test_py(checkpoint: Path, image: Path, question: str) -> str:
+    """What `python test.py --image_path IMAGE --prompt QUESTION` prints as the answer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_test", REPO / "test.py")
+    prompt_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prompt_test)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        prompt_test.main(["--model_weights", str(checkpoint), "--dtype", "float32",
+                          "--image_path", str(image), "--prompt", question,
+                          "--max_new_tokens", str(MAX_NEW_TOKENS)])  # fmt: skip
+    return out.getvalue().rstrip("\n").split("\t", 1)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def same_text(text: str) -> str:
+    return " ".join(text.split())  # the page lays whitespace out its own way
+
+
+# --- without a browser ---------------------------------------------------------------------------
+
+
+def test_streamed_pieces_join_to_the_answer(session, shapes_dir):
+    image, question = held_out(shapes_dir, 0)
+    roles, contents = ["user"], [f"<image>\n{question}"]
+    pieces = list(session.stream(roles, contents, [image]))
+    assert len(pieces) > 1 and "".join(pieces) == session.answer(roles, contents, [image])
+    stopped = session.stream(roles, contents, [image])
+    next(stopped)
+    stopped.close()  # the stop button: the generation thread ends, nothing hangs
+    with pytest.raises(ValueError, match="marker"):
+        list(session.stream(roles, ["no marker"], [image]))
+
+
+class GroundingSession:
+    """Streams a fixed answer in two pieces, as a grounding model would; `fail` makes it raise."""
+
+    settings = GenerationSettings()
+    fail = False
+
+    def __init__(self, answer: str) -> None:
+        self.pieces = [answer[:20], answer[20:]]
+
+    def stream(self, roles, contents, images, settings):
+        if self.fail:
+            raise RuntimeError("out of memory")
+        yield from self.pieces
+
+
+def shape_box(image: Path) -> Box:
+    """The grid box of a demo image's one coloured shape (its saturated pixels)."""
+    pixels = np.asarray(Image.open(image).convert("RGB")).astype(int)  # [H, W, 3]
+    ys, xs = np.nonzero(pixels.max(-1) - pixels.min(-1) > 60)
+    height, width = pixels.shape[:2]
+    xywh = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    return coco_to_qwen(xywh, width, height)
+
+
+def test_a_grounding_answer_is_drawn_and_a_failure_is_an_error_in_the_page(shapes_dir):
+    image, question = held_out(shapes_dir, 0)
+    fake = GroundingSession(
+        "<ref>the circle</ref><box>(100,100),(500,600)</box> and <box>(1,2)</box>"
+    )
+    _, respond, _ = web_app._handlers(fake)
+    turns = [{"role": "user", "text": question, "images": [str(image)]}]
+    *_, (messages, answered, picture, legend) = respond(turns, 32, 0.0, 1.0)
+    assert (
+        answered[-1]["text"]
+        == "<ref>the circle</ref><box>(100,100),(500,600)</box> and <box>(1,2)</box>"
+    )
+    assert messages[-1] == {"role": "assistant", "content": answered[-1]["text"]}
+    assert isinstance(picture, Image.Image) and min(picture.size) >= 448
+    assert legend.splitlines() == ["1: the circle (100,100),(500,600)",
+                                   "not drawn: box '(1,2)' is not (x1,y1),(x2,y2)"]  # fmt: skip
+    fake.fail = True
+    with pytest.raises(gr.Error, match="Generation failed: RuntimeError: out of memory"):
+        list(respond(turns, 32, 0.0, 1.0))
+
+
+def test_uploads_are_checked(tmp_path, monkeypatch):
+    from runtime.web import chat
+
+    image, text = tmp_path / "ok.png", tmp_path / "notes.png"
+    Image.new("RGB", (20, 20)).save(image)
+    text.write_text("not an image", encoding="utf-8")
+    assert chat.checked_images([str(image)]) == [str(image)]
+    with pytest.raises(ChatInputError, match=r"^notes.png is not an image that can be read\.$"):
+        chat.checked_images([str(image), str(text)])  # no server path in the message
+    monkeypatch.setattr(chat, "MAX_IMAGE_PIXELS", 399)
+    with pytest.raises(ChatInputError, match="ok.png is 20x20 pixels; the limit is 399"):
+        chat.checked_images([str(image)])
+    for question in ("", "  ", "<image> what?"):
+        with pytest.raises(ChatInputError):
+            chat.user_turn(question, [str(image)])
+
+
+def test_settings_and_turns_of_the_page():
+    base = GenerationSettings(top_k=5)
+    greedy = settings_from(base, 16, 0.0, 1.0)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.top_k) == (False, 16, 5)
+    assert settings_from(base, 16, 0.7, 0.9).do_sample
+    for bad in [(0, 1.0, 1.0), (5000, 1.0, 1.0), (8, -1.0, 1.0), (8, 1.0, 0.0)]:
+        with pytest.raises(ChatInputError):
+            settings_from(base, *bad)
+    turns = [{"role": "user", "text": "两张图有什么不同？", "images": ["a.png", "b.png"]},
+             {"role": "assistant", "text": "颜色", "images": []},
+             {"role": "user", "text": "And now?", "images": ["c.png"]}]  # fmt: skip
+    roles, contents, images = session_inputs(turns)
+    assert roles == ["user", "assistant", "user"]
+    assert contents == ["<image>\n<image>\n两张图有什么不同？", "颜色", "<image>\nAnd now?"]
+    assert images == ["a.png", "b.png", "c.png"]
+
+
+def test_safe_defaults_and_a_password(tmp_path):
+    from runtime.web.__main__ import parse_args, parse_auth
+
+    args = parse_args([])
+    assert (args.host, args.share, args.auth, args.max_file_size) == (
+        "127.0.0.1",
+        False,
+        None,
+        "10mb",
+    )
+    assert args.model_weights == "outputs/demo"
+    assert parse_auth("ann:se:cret") == ("ann", "se:cret")
+    for bad in ("ann", "ann:", ":pw"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_auth(bad)
+    session = GroundingSession("x")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+        app = web_app.build_app(session)
+        web_app.launch(app, port=free_port(), auth=("ann", "secret"), block=False)
+    try:
+        assert app.local_url.startswith("http://127.0.0.1:") and app.share_url is None
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(app.local_url + "config")
+        login = urllib.parse.urlencode({"username": "ann", "password": "secret"}).encode()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        assert opener.open(app.local_url + "login", login).status == 200
+        assert opener.open(app.local_url + "config").status == 200
+    finally:
+        app.close()
+
+
+# --- in Chromium ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Selenium and Debian's chromedriver; skipped, loudly, without."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("BROWSER TESTS SKIPPED: no chromium/chromedriver on PATH "
+                    "(apt-get install chromium chromium-driver)")  # fmt: skip
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000", "--lang=en-US"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@contextlib.contextmanager
+def serving(session, uploads: Path):
+    """The app of `session` on a free localhost port, uploads up to 100 KB; yields its URL."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(uploads))
+        app = web_app.build_app(session)
+        web_app.launch(app, port=free_port(), max_file_size="100kb", block=False)
+        try:
+            yield app.local_url
+        finally:
+            app.close()
+
+
+@pytest.fixture(scope="module")
+def server(session, tmp_path_factory):
+    with serving(session, tmp_path_factory.mktemp("gradio-uploads")) as url:
+        yield url
+
+
+def wait_for(condition, what: str, timeout: float = 30.0):
+    """Poll `condition` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the page re-renders while we look
+            if result := condition():
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url)
+    wait_for(lambda: driver.find_elements("css selector", "#question textarea"), "the page")
+
+
+def attach(driver, *files: Path) -> None:
+    """Attach `files` to the question box; returns once each is uploaded or refused."""
+    for file in files:
+        driver.find_element("css selector", "#question input[type=file]").send_keys(str(file))
+    wait_for(lambda: len(driver.find_elements("css selector", "#question img")) >= len(files)
+             or driver.find_elements("css selector", "[data-testid='toast-body']"),
+             "the upload")  # fmt: skip
+
+
+def send(driver, question: str, *files: Path) -> None:
+    """Attach `files` and submit `question` with Enter."""
+    if files:
+        attach(driver, *files)
+    box = driver.find_element("css selector", "#question textarea")
+    box.send_keys(question)
+    box.send_keys("\n")
+
+
+def answers(driver) -> list[str]:
+    return [e.text for e in driver.find_elements("css selector", "#chatbot [data-testid='bot']")]
+
+
+def finished_answer(driver, count: int) -> str:
+    """The `count`-th answer once generation has ended (the question box is enabled again)."""
+
+    def done():
+        box = driver.find_element("css selector", "#question textarea")
+        return len(answers(driver)) >= count and box.is_enabled()
+
+    wait_for(done, f"answer {count}")
+    return answers(driver)[count - 1]
+
+
+def screenshot(driver, path: Path, stable: Path) -> None:
+    """A test artifact in the tmp dir, copied to a stable path under outputs/ (git-ignored)."""
+    driver.save_screenshot(str(path))
+    assert Image.open(path).size[0] > 0
+    stable.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, stable)
+
+
+def toasts(driver) -> str:
+    return " ".join(
+        e.text for e in driver.find_elements("css selector", "[data-testid='toast-body']")
+    )
+
+
+@pytest.mark.browser
+def test_the_page_answers_as_test_py_does(browser, server, checkpoint, shapes_dir, tmp_path):
+    image, question = held_out(shapes_dir, 0)
+    expected = answer_of_test_py(checkpoint, image, question)
+    assert expected.strip(), "the tiny model answered nothing; pick another image"
+    open_page(browser, server)
+    send(browser, question, image)
+    assert same_text(finished_answer(browser, 1)) == same_text(expected)
+    assert question in browser.find_element("id", "chatbot").text
+    screenshot(browser, tmp_path / "web_chat.png", SCREENSHOT)
+
+
+@pytest.mark.browser
+def test_two_tabs_asking_at_once_get_their_own_answers(browser, server, checkpoint, shapes_dir):
+    asks = [held_out(shapes_dir, index) for index in (1, 2)]
+    expected = [answer_of_test_py(checkpoint, image, question) for image, question in asks]
+    first = browser.current_window_handle
+    open_page(browser, server)
+    browser.switch_to.new_window("tab")
+    second = browser.current_window_handle
+    open_page(browser, server)
+    for handle, (image, question) in zip((first, second), asks, strict=True):
+        browser.switch_to.window(handle)
+        send(browser, question, image)
+    for handle, answer in zip((first, second), expected, strict=True):
+        browser.switch_to.window(handle)
+        assert same_text(finished_answer(browser, 1)) == same_text(answer)
+    browser.close()
+    browser.switch_to.window(first)
+
+
+@pytest.mark.browser
+def test_bad_uploads_show_a_message_and_the_server_keeps_serving(
+    browser, server, checkpoint, shapes_dir, tmp_path
+):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image", encoding="utf-8")
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image either", encoding="utf-8")
+    large = tmp_path / "large.png"
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(large)  # ~270 KB
+    refused = [  # (file, the page's message, refused when submitted rather than when uploaded)
+        (notes, "Invalid file type", False),
+        (large, "exceed the maximum allowed size", False),
+        (fake, "fake.png is not an image", True),
+    ]
+    for file, message, on_submit in refused:
+        open_page(browser, server)
+        attach(browser, file)
+        if on_submit:
+            send(browser, "What is this?")
+        wait_for(lambda message=message: message in toasts(browser), f"{message!r} in the page")
+        assert answers(browser) == []
+        if not on_submit:  # refused at upload: nothing stays attached
+            assert not browser.find_elements("css selector", "#question img")
+    image, question = held_out(shapes_dir, 0)
+    open_page(browser, server)
+    send(browser, question, image)
+    expected = answer_of_test_py(checkpoint, image, question)
+    assert same_text(finished_answer(browser, 1)) == same_text(expected)
+
+
+@pytest.mark.browser
+def test_an_answers_boxes_are_drawn_next_to_it(browser, shapes_dir, tmp_path):
+    image, _ = held_out(shapes_dir, 3)
+    box = shape_box(image)
+    answer = f"<ref>the shape</ref>{box.text()} <box>(1,2)</box>"
+    with serving(GroundingSession(answer), tmp_path / "uploads") as url:
+        open_page(browser, url)
+        send(browser, "Where is the shape? 图形在哪里？", image)
+        assert same_text(finished_answer(browser, 1)) == same_text(answer)  # tags shown as text
+        wait_for(lambda: browser.find_elements("css selector", "#boxes img"), "the drawing")
+        legend = browser.find_element("css selector", "#legend textarea").get_attribute("value")
+        assert legend.splitlines() == [f"1: the shape {box.coords()}",
+                                       "not drawn: box '(1,2)' is not (x1,y1),(x2,y2)"]  # fmt: skip
+        screenshot(browser, tmp_path / "web_grounding.png", GROUNDING_SCREENSHOT)
