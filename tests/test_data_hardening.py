@@ -319,15 +319,15 @@ def test_images_pad_with_the_towers_mean_colour(tiny_clip_dir, tmp_path: Path, c
         return main([*args, "--cache", str(tmp_path / cache), *flags])
 
     assert images("siglip-cache", "--pad", "--vision_model", str(siglip)) == 0
-    assert json.loads(capsys.readouterr().out)["pad_color"] == [128, 128, 128]
+    assert json.loads(capsys.readouterr().out)["pad_color"] == [127, 127, 127]
     with Image.open(tmp_path / "siglip-cache" / "wide.png") as image:
         assert image.size == (32, 32)  # the tower's input size
-        assert image.getpixel((16, 0)) == (128, 128, 128)  # SigLIP mean 0.5 -> grey
+        assert image.getpixel((16, 0)) == (127, 127, 127)  # SigLIP mean 0.5 -> grey
         assert image.getpixel((16, 16)) == (255, 0, 0)
     assert images("clip-cache", "--pad", "--vision_model", str(tiny_clip_dir)) == 0
     clip_mean = load_vision_tower(str(tiny_clip_dir)).preprocessor.fill_color
     assert json.loads(capsys.readouterr().out)["pad_color"] == list(clip_mean)
-    assert clip_mean != (128, 128, 128)
+    assert clip_mean != (127, 127, 127)
     assert images("no-tower", "--pad", "--size", "32") == 2
     assert "--pad needs --vision_model" in capsys.readouterr().err
 

@@ -25,9 +25,7 @@ from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, Vis
 from model.trainable import configure_trainable
 from qwen.tokenization_qwen import SPECIAL_TOKENS, QWenTokenizer
 from runtime.export import export_checkpoint
-from runtime.export.processor import pad_color_note
 from runtime.export.tokenizer import qwen_fast_tokenizer
-from runtime.export.writer import exported_notes
 from runtime.inference import InferenceSession
 
 pytestmark = pytest.mark.slow  # each export converts a 151k-token vocabulary and writes ~80 MB
@@ -234,12 +232,8 @@ def test_non_square_images_pad_like_training(exports, work):
     wide = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
     theirs = processor.image_processor(wide, return_tensors="pt")["pixel_values"]
     ours = session.vlm.vision.preprocess([wide])
-    note = pad_color_note(session.vlm.vision.preprocessor)
-    if note is None:
-        assert torch.allclose(theirs, ours, rtol=0, atol=1e-6)
-        return
-    assert note in exported_notes(out) and note in (out / "README.md").read_text()
-    pytest.xfail(f"known and noted in the export: {note}")
+    assert session.vlm.vision.preprocessor.pad_to_square
+    assert torch.allclose(theirs, ours, rtol=0, atol=1e-6)
 
 
 def test_export_is_byte_identical_sharded_and_in_the_dtype(exports, work):

@@ -147,7 +147,7 @@ def test_pad_to_square_keeps_aspect_ratio_and_pads_with_mean_colour():
     pixels = padded([wide])[0]  # [3, 32, 32]; the band occupies rows 12..19
     mean_colour_error = torch.tensor(
         [
-            (round(m * 255) / 255 - m) / s
+            (int(m * 255) / 255 - m) / s
             for m, s in zip(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, strict=True)
         ]
     ).view(3, 1, 1)

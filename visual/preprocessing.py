@@ -66,8 +66,10 @@ class ImagePreprocessor:
 
     @property
     def fill_color(self) -> tuple[int, int, int]:
-        """The mean colour in 0..255, used to pad images to a square."""
-        return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
+        """The mean colour in 0..255, used to pad images to a square. Truncated, not rounded, as
+        LLaVA-1.5's `expand2square` and transformers' `LlavaImageProcessor` do, so an exported model
+        pads exactly as training did (CLIP (122, 116, 104), SigLIP (127, 127, 127))."""
+        return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
 
     def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess one image or a list of images -> [n, 3, H, W] float32."""

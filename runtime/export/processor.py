@@ -18,23 +18,6 @@ from runtime.export.tokenizer import chat_template
 from visual.preprocessing import ImagePreprocessor
 
 
-def llava_fill_color(mean) -> tuple[int, ...]:
-    """The pad colour LLaVA's image processor derives from the mean (it truncates)."""
-    return tuple(int(m * 255) for m in mean)
-
-
-def pad_color_note(preprocessor: ImagePreprocessor) -> str | None:
-    """Says when transformers pads with another colour than ours (it truncates, we round)."""
-    theirs = llava_fill_color(preprocessor.mean)
-    if not preprocessor.pad_to_square or theirs == preprocessor.fill_color:
-        return None
-    return (
-        f"non-square images are padded with RGB {theirs} by LlavaImageProcessor (mean x 255, "
-        f"truncated) but with {preprocessor.fill_color} (rounded) in training: the pad border "
-        "differs by one level of 255"
-    )
-
-
 def image_processor(preprocessor: ImagePreprocessor) -> LlavaImageProcessorPil:
     """`LlavaImageProcessor` settings equal to `preprocessor`'s (PIL backend, as ours)."""
     if preprocessor.shortest_edge is not None:  # CLIP: short side, then a center crop

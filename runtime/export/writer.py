@@ -9,7 +9,6 @@ old one, or the whole new one. The same checkpoint always gives byte-identical s
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from runtime.export.llava import (
     qwen_extrapolation_note,
     saved_layout,
 )
-from runtime.export.processor import llava_processor, pad_color_note
+from runtime.export.processor import llava_processor
 from runtime.export.tokenizer import export_tokenizer, stop_ids
 from runtime.outputs import atomic_directory, check_destination
 
@@ -117,10 +116,9 @@ def export_checkpoint(
 
 def export_notes(vlm) -> list[str]:
     """What the exported model does not reproduce exactly (written into config.json and README)."""
-    notes = [pad_color_note(vlm.vision.preprocessor)]
     if isinstance(vlm.llm, QWenLMHeadModel):
-        notes.append(qwen_extrapolation_note(vlm.llm.config))
-    return [note for note in notes if note]
+        return [qwen_extrapolation_note(vlm.llm.config)]
+    return []
 
 
 @torch.no_grad()
@@ -152,9 +150,3 @@ def readme(checkpoint: Path, dtype: str, notes: list[str]) -> str:
         lines += ["", "## Differences from the training-time model", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
-
-
-def exported_notes(out_dir: str | Path) -> list[str]:
-    """The notes recorded in an exported directory's config.json."""
-    config = json.loads((Path(out_dir) / "config.json").read_text(encoding="utf-8"))
-    return list(config.get(NOTES_KEY, []))
