@@ -123,7 +123,8 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     _flag(features, "vision_library", default="transformers", help="as train.py's")
     _flag(features, "vision_pretrained", help="open_clip pretrained tag or weights file")
     _flag(features, "vision_feature_layer", type=int, default=-2)
-    _flag(features, "image_aspect_ratio", default="pad", choices=("pad", "resize"))
+    # No default or choices here: visual.preprocessing owns both (checked when the tower loads).
+    _flag(features, "image_aspect_ratio", help="as train.py's (default: the same as training's)")
     _flag(features, "batch_size", type=int, default=32)
     _flag(features, "dtype", default="float16", choices=("float16", "float32"), help="storage")
     _flag(features, "device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -253,13 +254,14 @@ def _run_features(args: argparse.Namespace) -> int:
             data, args.image_folder, allow_outside=args.allow_outside_image_folder
         )
     ]
+    aspect = {"image_aspect_ratio": args.image_aspect_ratio} if args.image_aspect_ratio else {}
     tower = load_vision_tower(
         args.vision_model,
         library=args.vision_library,
         pretrained=args.vision_pretrained,
         feature_layer=args.vision_feature_layer,
-        image_aspect_ratio=args.image_aspect_ratio,
         device=args.device,
+        **aspect,
     )
     began = time.perf_counter()
     out = encode_feature_cache(
