@@ -35,6 +35,8 @@ def build_model(config):
 
     set_seed(config.training.seed)
     vlm, tokenizer = build_vlm(config.language_model, config.vision, config.projector)
+    if config.training.lm_loss_chunk_size is not None:  # read by qwen/loss.py, for every LLM
+        vlm.llm.config.lm_loss_chunk_size = config.training.lm_loss_chunk_size
     if config.projector.projector_path:
         load_projector_weights(vlm, config.projector.projector_path)
         logger.info("projector initialised from %s", config.projector.projector_path)

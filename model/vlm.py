@@ -2,15 +2,26 @@
 
 Composition, not inheritance: three attributes (`vision`, `projector`, `llm`) and no per-LLM
 mixins. Qwen-7B (`model_type "qwen"`) splices image features inside its own `QWenModel.forward`;
-any other causal LM gets the very same splice function applied to its `inputs_embeds`.
+any other causal LM gets the very same splice function applied to its `inputs_embeds`, and the
+very same loss (qwen/loss.py) applied to its decoder's hidden states.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qwen import splice_image_features
+from qwen.loss import loss_chunk_size, supervised_cross_entropy
+
+# Config fields of LLMs whose logits are not plain `lm_head(hidden)` (Gemma 2's soft-capping,
+# Cohere's and Granite's scaling): those keep their own forward and loss.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _transforms_logits(llm: nn.Module) -> bool:
+    return any(getattr(llm.config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS)
 
 
 class VisionLanguageModel(nn.Module):
@@ -92,7 +103,12 @@ class VisionLanguageModel(nn.Module):
         inputs = self._llm_inputs(input_ids, pixel_values, vision_features)
         if position_ids is not None:
             inputs["position_ids"] = position_ids
-        output = self.llm(**inputs, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is not None and not self.native_splice and not _transforms_logits(self.llm):
+            output = self._decoder_loss(inputs, attention_mask, labels)
+        else:
+            output = self.llm(
+                **inputs, attention_mask=attention_mask, labels=labels, use_cache=False
+            )
         no_images = pixel_values is None and vision_features is None
         if no_images and self.training and output.loss is not None:
             # A batch without images leaves the projector out of the graph; under DDP or ZeRO-3 the
@@ -100,6 +116,20 @@ class VisionLanguageModel(nn.Module):
             # keeps every rank's graph identical without changing the loss.
             output.loss = output.loss + 0.0 * self._projector_probe()
         return output
+
+    def _decoder_loss(
+        self, inputs: dict, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> CausalLMOutputWithPast:
+        """Any other LLM's loss, computed as QWen computes its own (qwen/loss.py): its decoder's
+        final hidden states through its `lm_head` at supervised positions, in chunks. Its own
+        forward would build `[B, T, V]` logits; `logits` stays None here, as in QWen's."""
+        decoder = self.llm.get_decoder()  # a PeftModel hands this on to the wrapped LLM
+        outputs = decoder(**inputs, attention_mask=attention_mask, use_cache=False)
+        hidden_states = outputs.last_hidden_state  # [B, T, Dl]
+        lm_head = self.llm.get_output_embeddings()
+        chunk_size = loss_chunk_size(self.llm.config)
+        loss = supervised_cross_entropy(hidden_states, labels, lm_head, chunk_size)
+        return CausalLMOutputWithPast(loss=loss)
 
     def _projector_probe(self) -> torch.Tensor:
         weight = next(self.projector.parameters())

@@ -12,7 +12,6 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
@@ -22,11 +21,11 @@ from transformers.modeling_utils import slice_logits_to_keep
 from .attention_qwen import build_attention_mask
 from .configuration_qwen import QWenConfig
 from .layers_qwen import QWenBlock, QWenRMSNorm
+from .loss import loss_chunk_size, supervised_cross_entropy
 from .pretrained_qwen import QWenPreTrainedModel
 from .rope_qwen import logn_factors, ntk_alpha, ntk_alphas, rotary_cos_sin
 from .splice import splice_image_features
 
-IGNORE_INDEX = -100
 # Attribute on the KV cache holding the NTK alpha chosen at prefill, reused by decode steps.
 NTK_ALPHA_ATTR = "_qwen_ntk_alpha"
 
@@ -247,7 +246,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
         `labels [B, T]` are aligned with `input_ids` (`-100` = no loss); the model shifts them.
         To save memory, `lm_head` is applied only at the positions whose next-token label is
-        supervised, so no full `[B, T, V]` logits tensor exists when `labels` are given. The loss
+        supervised, `config.lm_loss_chunk_size` of them at a time (qwen/loss.py), so no
+        `[B, T, V]` or `[n_supervised, V]` logits tensor exists when `labels` are given. The loss
         is the mean cross-entropy over supervised tokens (0, still attached to the graph, when
         there are none). Without labels, logits are returned for the last `logits_to_keep`
         positions (0 = all).
@@ -279,21 +279,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     def _supervised_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean shifted cross-entropy, projecting only the hidden states that carry a label."""
-        if labels.shape != hidden_states.shape[:2]:
-            raise ValueError(
-                f"QWenLMHeadModel: labels shape {tuple(labels.shape)} must equal the input shape "
-                f"{tuple(hidden_states.shape[:2])} (labels are aligned with input_ids)."
-            )
-        targets = labels[:, 1:].to(hidden_states.device)  # [B, T-1]
-        keep = targets != IGNORE_INDEX  # [B, T-1]
-        picked = hidden_states[:, :-1][keep]  # [n, H]
-        logits = self.lm_head(picked).float()  # [n, V]
-        if logits.shape[0] == 0:
-            # No supervised token: a zero that still reaches every trainable parameter's graph,
-            # so DDP ranks do not wait on each other forever.
-            return logits.sum() + hidden_states.sum() * 0.0
-        return F.cross_entropy(logits, targets[keep])
+        """Mean shifted cross-entropy, `lm_head` only at supervised positions, in chunks."""
+        chunk_size = loss_chunk_size(self.config)
+        return supervised_cross_entropy(hidden_states, labels, self.lm_head, chunk_size)
 
     def prepare_inputs_for_generation(
         self,

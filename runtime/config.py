@@ -75,6 +75,9 @@ class TrainingConfig:
     # Resume from a checkpoint without optimizer/scheduler state: weights only, fresh optimizer
     resume_weights_only: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON (configs/deepspeed/zero2.json); needs deepspeed
+    # Supervised tokens per chunk of the LM loss (lm_head + cross-entropy, qwen/loss.py): the loss's
+    # memory is one chunk's logits, never the batch's; null = the default there
+    lm_loss_chunk_size: int | None = None
 
 
 @dataclass
