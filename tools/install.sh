@@ -9,6 +9,10 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # The constraints file keeps every later pip call from swapping in a CUDA torch.
 "$VENV/bin/pip" install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
+# The web chat's Gradio, without dependency resolution: every Gradio release caps Pillow below the
+# pinned 13.0.0 (see requirements-web.txt); the rest of its closure is pinned there.
+"$VENV/bin/pip" install --disable-pip-version-check -q --no-deps -r requirements-web.txt \
+  -c constraints.txt
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp tools/torchvision_cpu_hook.py "$site/"
