@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataprocess.schema import IMAGE_MARKER
-from qwen.chat_format import DEFAULT_SYSTEM_PROMPT, role_block_ids
+from qwen.chat_format import DEFAULT_SYSTEM_PROMPT, chat_stop_ids, role_block_ids
 from qwen.tokenization_qwen import QWenTokenizer
 
 IGNORE_INDEX = -100
@@ -61,6 +61,18 @@ class _ChatMLAdapter:
 
     def encode_ids(self, text: str) -> list[int]:
         return encode_text(self._tokenizer, text)
+
+
+def chat_stop_token_ids(tokenizer: Any) -> list[int]:
+    """generate()'s eos ids for the ChatML layout: Qwen-7B's [im_end, im_start, endoftext]
+    (`qwen.chat_format.chat_stop_ids`), or an HF tokenizer's <|im_end|>, <|im_start|> and eos."""
+    if isinstance(tokenizer, QWenTokenizer):
+        return chat_stop_ids(tokenizer)
+    chat = _ChatMLAdapter(tokenizer)
+    eos = tokenizer.eos_token_id
+    return list(
+        dict.fromkeys([chat.im_end_id, chat.im_start_id, *([eos] if eos is not None else [])])
+    )
 
 
 def chatml_tokenizer(tokenizer: Any) -> Any:

@@ -23,10 +23,10 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from dataprocess.schema import IMAGE_MARKER
-from dataset.conversation import encode_prompt
+from dataset.conversation import chat_stop_token_ids, encode_prompt
 from model.checkpoint import load_vlm
 from model.vlm import VisionLanguageModel
-from qwen.chat_format import DEFAULT_SYSTEM_PROMPT, chat_stop_ids
+from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
 from visual import load_image
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class GenerationSettings:
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
             "repetition_penalty": self.repetition_penalty,
-            "eos_token_id": chat_stop_ids(tokenizer),
+            "eos_token_id": chat_stop_token_ids(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
             "use_cache": True,  # a model config may say False (training); decoding needs the cache
         }
@@ -247,7 +247,7 @@ class InferenceSession:
             **settings.generate_kwargs(self.tokenizer),
             streamer=streamer,
         )  # [B, new]
-        stops = set(chat_stop_ids(self.tokenizer))
+        stops = set(chat_stop_token_ids(self.tokenizer))
         return [self._decode(row, stops) for row in new_ids.tolist()]
 
     def left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +279,7 @@ class _ReplyStreamer(BaseStreamer):
 
     def __init__(self, session: InferenceSession) -> None:
         self.session = session
-        self.stops = set(chat_stop_ids(session.tokenizer))
+        self.stops = set(chat_stop_token_ids(session.tokenizer))
         self.ids: list[int] = []
         self.prompt_seen = False
         self.cancelled = threading.Event()

@@ -197,3 +197,16 @@ def test_a_prompt_with_more_markers_than_images_is_refused(checkpoint, shapes_di
     image = sorted((shapes_dir / "images").iterdir())[0]
     with pytest.raises(ValueError, match="2 <image> marker"):
         session.answer(["user"], ["<image><image>\nCompare."], [image])
+
+
+def test_stop_ids_for_qwen_and_for_an_hf_chatml_tokenizer():
+    from dataset.conversation import chat_stop_token_ids
+    from runtime.export.tokenizer import qwen_fast_tokenizer
+
+    qwen = QWenTokenizer()
+    assert chat_stop_token_ids(qwen) == [151645, 151644, 151643]
+    fast = qwen_fast_tokenizer(qwen)  # an HF tokenizer whose eos is <|im_end|>
+    fast.eos_token = "<|endoftext|>"
+    assert chat_stop_token_ids(fast) == [151645, 151644, 151643]
+    fast.eos_token = "<|im_end|>"
+    assert chat_stop_token_ids(fast) == [151645, 151644]

@@ -29,7 +29,6 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from dataprocess.schema import IMAGE_MARKER
-from qwen.chat_format import chat_stop_ids
 from qwen.tokenization_qwen import (
     ENDOFTEXT,
     IM_END,
@@ -103,13 +102,3 @@ def export_tokenizer(tokenizer):
     if isinstance(tokenizer, QWenTokenizer):
         return qwen_fast_tokenizer(tokenizer)
     return tokenizer
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """generate()'s eos ids: ChatML's [im_end, im_start, endoftext], or the other LLM's own."""
-    if isinstance(tokenizer, QWenTokenizer):
-        return chat_stop_ids(tokenizer)
-    ids = tokenizer.convert_tokens_to_ids([IM_END, IM_START])
-    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-    eos = tokenizer.eos_token_id
-    return list(dict.fromkeys([*ids, *([eos] if eos is not None else [])]))

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
+from dataset.conversation import chat_stop_token_ids
 from model.checkpoint import load_vlm, read_description
 from model.config import DTYPES
 from qwen import QWenLMHeadModel
@@ -27,7 +28,7 @@ from runtime.export.llava import (
     saved_layout,
 )
 from runtime.export.processor import llava_processor
-from runtime.export.tokenizer import export_tokenizer, stop_ids
+from runtime.export.tokenizer import export_tokenizer
 from runtime.outputs import atomic_directory, check_destination
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def export_checkpoint(
     setattr(config, NOTES_KEY, notes)
     model = _llava_with_weights(vlm, config, DTYPES[dtype])
     model.generation_config = GenerationConfig(
-        eos_token_id=stop_ids(tokenizer),
+        eos_token_id=chat_stop_token_ids(tokenizer),
         pad_token_id=exported_tokenizer.pad_token_id,
         do_sample=False,
     )
