@@ -133,6 +133,7 @@ def run_merge(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two subprocesses
 def test_merge_refuses_a_non_empty_destination_and_a_missing_source(checkpoint, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

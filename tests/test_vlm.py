@@ -122,6 +122,7 @@ def test_checkpoint_holds_only_trainable_and_reloads_identically(config, tmp_pat
     torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch(config):
     # A random tiny LLM's frozen ln_f + lm_head cap the logit margin (|h| * |w_row| ~ 1.3), so
     # only full training can drive the loss to zero; LoRA on it reaches the argmax, not loss 0.
