@@ -23,14 +23,12 @@ logger = logging.getLogger("test")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
+    from runtime.cli import add_checkpoint_flags
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(description="Prompt-test a trained vision-language model.")
     p.add_argument("--model_weights", "--checkpoint", required=True, help="training output dir")
-    p.add_argument("--language_model", "--base_language_model", help="override the base LLM path")
-    p.add_argument("--vision_model", "--base_value_model", help="override the vision tower path")
-    p.add_argument("--allow_other_base", action="store_true",
-                   help="load base weights other than the ones the checkpoint was trained on")  # fmt: skip
+    add_checkpoint_flags(p)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--image_path", help="an image file, or a folder: every image in it")
     p.add_argument("--prompt", default="Describe the image.")
@@ -178,6 +176,7 @@ def _mean(flags: list[bool]) -> float:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    from runtime.cli import checkpoint_overrides
     from runtime.inference import GenerationSettings, InferenceSession
 
     settings = GenerationSettings.from_args(args)
@@ -186,10 +185,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.model_weights,
         system_prompt=args.system_prompt,
         settings=settings,
-        language_model=args.language_model,
-        vision_model=args.vision_model,
         dtype=args.dtype,
-        allow_other_base=args.allow_other_base,
+        **checkpoint_overrides(args),
     )
     if args.data_path:
         return run_evaluation(args, session)

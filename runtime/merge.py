@@ -28,6 +28,7 @@ from model.checkpoint import (
     save_projector_weights,
 )
 from model.config import DTYPE_NAMES
+from runtime.cli import add_checkpoint_flags, checkpoint_overrides
 from runtime.outputs import atomic_directory, check_destination
 
 logger = logging.getLogger(__name__)
@@ -66,15 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Merge LoRA adapters into the base LLM.")
     parser.add_argument("checkpoint", help="a training output or checkpoint directory")
     parser.add_argument("out_dir", help="where the merged model is written (new or empty)")
-    parser.add_argument("--language_model", help="override the base LLM path recorded in training")
-    parser.add_argument("--vision_model", help="override the vision tower path")
+    add_checkpoint_flags(parser)
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument(
-        "--allow_other_base",
-        action="store_true",
-        help="merge into base weights that differ from the ones the checkpoint was trained on",
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -82,10 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             args.checkpoint,
             args.out_dir,
             overwrite=args.overwrite,
-            language_model=args.language_model,
-            vision_model=args.vision_model,
             dtype=args.dtype,
-            allow_other_base=args.allow_other_base,
+            **checkpoint_overrides(args),
         )
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         logger.error("%s", error)

@@ -23,6 +23,7 @@ LANGUAGES = ("auto", "en", "zh")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
+    from runtime.cli import add_checkpoint_flags
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(
@@ -50,9 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="discard the answers of a different earlier run in --output_dir")  # fmt: skip
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--language_model", help="override the base LLM path")
-    p.add_argument("--vision_model", help="override the vision tower path")
-    p.add_argument("--allow_other_base", action="store_true")
+    add_checkpoint_flags(p)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--system_prompt", help="default: the one recorded at training time")
     GenerationSettings.add_flags(p)
@@ -119,6 +118,7 @@ def describe_run(args: argparse.Namespace, settings) -> dict:
 def evaluate(args: argparse.Namespace, session=None) -> dict:
     """Load, answer (unless --answers), score, write the reports; returns report.json's dict.
     `session` replaces loading --model_weights (tests, or a caller holding a model)."""
+    from runtime.cli import checkpoint_overrides
     from runtime.evaluation.report import write_report
     from runtime.evaluation.runner import answer_questions, check_run, read_answers
     from runtime.evaluation.scoring import score
@@ -141,8 +141,7 @@ def evaluate(args: argparse.Namespace, session=None) -> dict:
         if session is None:
             session = InferenceSession.from_checkpoint(
                 args.model_weights, system_prompt=args.system_prompt, settings=settings,
-                language_model=args.language_model, vision_model=args.vision_model,
-                dtype=args.dtype, allow_other_base=args.allow_other_base,
+                dtype=args.dtype, **checkpoint_overrides(args),
             )  # fmt: skip
         answers = answer_questions(
             session, questions, output_dir, args.batch_size, progress=not args.no_progress

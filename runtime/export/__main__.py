@@ -14,6 +14,7 @@ import logging
 import sys
 
 from model.checkpoint import CheckpointError
+from runtime.cli import add_checkpoint_flags, checkpoint_overrides
 from runtime.export.writer import DEFAULT_SHARD_SIZE, EXPORT_DTYPES, export_checkpoint
 
 logger = logging.getLogger("runtime.export")
@@ -26,13 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=EXPORT_DTYPES)
     parser.add_argument("--max_shard_size", default=DEFAULT_SHARD_SIZE, help="e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument("--language_model", help="override the base LLM path recorded in training")
-    parser.add_argument("--vision_model", help="override the vision tower path")
-    parser.add_argument(
-        "--allow_other_base",
-        action="store_true",
-        help="export with base weights that differ from the ones the checkpoint was trained on",
-    )
+    add_checkpoint_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -42,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             overwrite=args.overwrite,
             max_shard_size=args.max_shard_size,
-            language_model=args.language_model,
-            vision_model=args.vision_model,
-            allow_other_base=args.allow_other_base,
+            **checkpoint_overrides(args),
         )
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         logger.error("%s", error)

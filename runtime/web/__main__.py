@@ -20,15 +20,13 @@ AUTH_ENV = "VLM_WEB_AUTH"  # user:password, kept out of the process list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
+    from runtime.cli import add_checkpoint_flags
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(prog="python -m runtime.web", description=__doc__.split("\n")[0])
     p.add_argument("--model_weights", "--checkpoint", default="outputs/demo",
                    help="a training output, checkpoint or merged directory")  # fmt: skip
-    p.add_argument("--language_model", help="override the base LLM path")
-    p.add_argument("--vision_model", help="override the vision tower path")
-    p.add_argument("--allow_other_base", action="store_true",
-                   help="load base weights other than the ones the checkpoint was trained on")  # fmt: skip
+    add_checkpoint_flags(p)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--system_prompt", help="default: the one recorded at training time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
@@ -60,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     if args.queue_size < 1:
         raise ValueError(f"--queue_size must be at least 1, got {args.queue_size}")
+    from runtime.cli import checkpoint_overrides
     from runtime.inference import GenerationSettings, InferenceSession
     from runtime.web.app import build_app, launch
 
@@ -67,10 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         args.model_weights,
         system_prompt=args.system_prompt,
         settings=GenerationSettings.from_args(args),
-        language_model=args.language_model,
-        vision_model=args.vision_model,
         dtype=args.dtype,
-        allow_other_base=args.allow_other_base,
+        **checkpoint_overrides(args),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         logger.warning(
