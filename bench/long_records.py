@@ -56,15 +56,18 @@ WORDS = [
 ]
 
 
-def long_records(image_names: list[str], count: int, seed: int = 0) -> list[dict]:
-    """`count` records of 3-6 user/assistant pairs; answers 20-200 words, questions ~10 words."""
+def long_records(
+    image_names: list[str], count: int, seed: int = 0, max_turns: int = 6, max_words: int = 200
+) -> list[dict]:
+    """`count` records of 3..max_turns user/assistant pairs; answers of 20..max_words words,
+    questions of 10 words."""
     rng = random.Random(seed)
     records = []
     for index in range(count):
         conversation = []
-        for turn in range(rng.randint(3, 6)):
+        for turn in range(rng.randint(3, max_turns)):
             question = " ".join(rng.choices(WORDS, k=10)) + "?"
-            answer = " ".join(rng.choices(WORDS, k=rng.randint(20, 200))) + "."
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(20, max_words))) + "."
             prefix = "<image>\n" if turn == 0 else ""
             conversation += [
                 {"from": "human", "value": prefix + question},
@@ -81,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_turns", type=int, default=6)
+    parser.add_argument("--max_words", type=int, default=200, help="longest answer, in words")
     args = parser.parse_args(argv)
     names = sorted(p.relative_to(args.image_folder).as_posix()
                    for p in (args.image_folder / "images").glob("*.png"))[:500]  # fmt: skip
     if not names:
         raise SystemExit(f"--image_folder {args.image_folder}: no images/*.png in it")
-    records = long_records(names, args.count, args.seed)
+    records = long_records(names, args.count, args.seed, args.max_turns, args.max_words)
     args.out.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     print(args.out)
 
