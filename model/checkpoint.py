@@ -177,17 +177,25 @@ def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
         raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None
 
 
-def check_base(description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool):
-    """Compare the loaded base weights with the fingerprint recorded at training time."""
+_BASE_FLAGS = {"language_model": "language_model", "vision": "vision_model"}
+
+
+def check_base(
+    description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool, where: str = ""
+) -> None:
+    """Compare the loaded base weights with the fingerprint recorded at training time; refuse
+    (or, with `allow_other`, warn loudly) on a mismatch, naming the path trained on."""
     recorded = description.get("base_fingerprint") or {}
     parts = {"vision": vlm.vision, **({"language_model": vlm.llm} if llm else {})}
     for part, module in parts.items():
-        if part not in recorded or weights_fingerprint(module) == recorded[part]:
+        got = weights_fingerprint(module)
+        if part not in recorded or got == recorded[part]:
             continue
+        flag = _BASE_FLAGS[part]
+        trained_on = (description.get(part) or {}).get(flag)
         message = (
-            f"the {part} weights differ from the ones this checkpoint was trained on "
-            f"(fingerprint {weights_fingerprint(module)} vs {recorded[part]}); its answers "
-            "would be confident garbage"
+            f"{where}trained on other {part} weights (fingerprint {recorded[part]}, these give "
+            f"{got}; trained on --{flag} {trained_on}): its answers would be confident garbage"
         )
         if not allow_other:
             raise CheckpointError(f"{message}. Pass --allow_other_base to load it anyway")

@@ -30,13 +30,12 @@ from model.checkpoint import (
     ADAPTER_FILE,
     LLM_DIR,
     PROJECTOR_FILE,
-    VLM_CONFIG,
     CheckpointError,
+    check_base,
     load_projector_weights,
     load_state,
     read_description,
     read_safetensors,
-    weights_fingerprint,
 )
 from model.vlm import VisionLanguageModel
 from runtime.config import RunConfig, TrainingConfig
@@ -225,25 +224,14 @@ def load_trainable_state(vlm: VisionLanguageModel, checkpoint: str | Path) -> No
     """Loads a checkpoint's trainable weights (projector; LoRA adapter or full LLM) into `vlm`,
     after checking that it was trained on the same frozen base weights."""
     checkpoint = Path(checkpoint)
-    _check_same_base(read_description(checkpoint), vlm, checkpoint / VLM_CONFIG)
+    check_base(
+        read_description(checkpoint), vlm, llm=True, allow_other=False, where=f"{checkpoint}: "
+    )
     load_projector_weights(vlm, checkpoint)
     if isinstance(vlm.llm, PeftModel):
         _load_adapter_state(vlm.llm, checkpoint / ADAPTER_DIR / ADAPTER_FILE)
     elif any(p.requires_grad for p in vlm.llm.parameters()):
         _load_full_llm(vlm.llm, checkpoint / LLM_DIR)
-
-
-def _check_same_base(description: dict, vlm: VisionLanguageModel, path: Path) -> None:
-    recorded = description.get("base_fingerprint") or {}
-    parts = {"language_model": ("language_model", vlm.llm), "vision": ("vision_model", vlm.vision)}
-    for part, (flag, module) in parts.items():
-        got = weights_fingerprint(module)
-        if part in recorded and got != recorded[part]:
-            trained_on = (description.get(part) or {}).get(flag)
-            raise CheckpointError(
-                f"{path}: trained on other {part} weights (fingerprint {recorded[part]}, these "
-                f"give {got}); resume with --{flag} {trained_on}"
-            )
 
 
 def _load_adapter_state(llm: PeftModel, path: Path) -> None:
