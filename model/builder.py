@@ -44,17 +44,22 @@ def image_token_id_for(tokenizer, llm_config, image_token: str | None) -> int:
     return token_id
 
 
-def load_language_model(config: LanguageModelConfig, path: str | None = None):
-    """Returns (llm, tokenizer); a path that is neither a model directory nor a hub id that can
-    be fetched names the flag."""
-    path = path or config.language_model
+def require_model(path: str, flag: str) -> None:
+    """FileNotFoundError naming `flag` for a path that is neither a model directory (with a
+    config.json) nor a hub id that can be fetched here (instead of "Repo id must be ...")."""
     try:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
-            f"--language_model {path}: not a model directory (config.json) and not a hub id "
-            f"that can be fetched here ({type(error).__name__})"
+            f"{flag} {path}: not a model directory (config.json) and not a hub id that can be "
+            f"fetched here ({type(error).__name__})"
         ) from None
+
+
+def load_language_model(config: LanguageModelConfig, path: str | None = None):
+    """Returns (llm, tokenizer)."""
+    path = path or config.language_model
+    require_model(path, "--language_model")
     dtype = resolve_dtype(config.dtype)
     kwargs: dict = {"dtype": dtype}
     if config.bits == 4:
@@ -77,13 +82,7 @@ def load_vision(config: VisionConfig, dtype: torch.dtype, path: str | None = Non
         path.startswith(prefix) for prefix in ("local-dir:", "/", ".")
     )
     if not is_open_clip_name and "://" not in path and not Path(path).exists():
-        try:
-            AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                f"--vision_model {path}: not a model directory and not a hub id that can be "
-                f"fetched here ({type(error).__name__})"
-            ) from None
+        require_model(path, "--vision_model")
     return load_vision_tower(
         path,
         library=config.vision_library,
