@@ -192,6 +192,52 @@ def test_iter_raw_records_file_faults(
     assert words in str(info.value)
 
 
+def test_json_list_is_streamed_with_python_numbers(tmp_path: Path, monkeypatch) -> None:
+    # Neither format is read whole: iter_raw_records never calls read_bytes / read_text.
+    for name in ("read_bytes", "read_text"):
+        monkeypatch.setattr(Path, name, lambda *_a, **_k: pytest.fail("file read whole"))
+    records = [_good(id=str(i), score=i + 0.5, count=i) for i in range(3000)]  # > one chunk
+    json_path = tmp_path / "a.json"
+    with json_path.open("w", encoding="utf-8") as out:
+        out.write("\ufeff" + json.dumps(records, ensure_ascii=False))
+    got = list(iter_raw_records(json_path))
+    assert got == list(enumerate(records))
+    assert type(got[5][1]["score"]) is float and type(got[5][1]["count"]) is int
+    jsonl_path = tmp_path / "a.jsonl"
+    with jsonl_path.open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    assert list(iter_raw_records(jsonl_path)) == list(enumerate(records))
+
+
+def test_json_list_fault_far_into_the_file_names_line_column_and_byte(tmp_path: Path) -> None:
+    good = json.dumps(_good())
+    lines = ["["] + [good + ","] * 2000 + ['{"id": "b",,}', "]"]  # the fault is past 64 KiB
+    path = tmp_path / "big.json"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    offset = path.read_bytes().index(b",,") + 1
+    seen = []
+    with pytest.raises(RecordError, match=f"line 2002, column 12, byte {offset}") as info:
+        for index, _raw in iter_raw_records(path):
+            seen.append(index)
+    assert info.value.kind == "invalid_json" and str(path) in str(info.value)
+    assert seen == []  # a broken JSON list is refused before any of its records is used
+    text = "[" + ",".join([good] * 2000) + ',{"id": "caf\xe9"}]'
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(RecordError, match=f"invalid UTF-8 at byte {text.index(chr(0xE9))}"):
+        list(iter_raw_records(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(b'"text"', "top level is str"), (b"1.5", "top level is float"), (b"[1] [2]", "garbage")],
+)
+def test_json_list_top_level_faults(tmp_path: Path, content: bytes, words: str) -> None:
+    path = tmp_path / "top.json"
+    path.write_bytes(content)
+    with pytest.raises(RecordError, match=words):
+        list(iter_raw_records(path))
+
+
 def test_missing_file_is_a_record_error(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="cannot read"):
         list(iter_raw_records(tmp_path / "nope.json"))
