@@ -162,6 +162,8 @@ def _run_validate(args: argparse.Namespace) -> int:
     good, tally = validate_file(
         args.data, args.image_folder, args.workers, allow_outside=args.allow_outside_image_folder
     )
+    # The good records stream to --output as they are checked; without it they are only counted.
+    written = write_records(good, args.output) if args.drop_invalid else sum(1 for _ in good)
     ok = not tally.errors
     report = {
         "data": str(args.data),
@@ -174,8 +176,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     }
     report_path, dropped_path = side_paths(args.output or args.data)
     if args.drop_invalid:
-        write_records(good, args.output)
-        report["written"] = len(good)
+        report["written"] = written
     if tally.errors and args.drop_invalid:
         write_dropped([tally], dropped_path)
         report["dropped_list"] = str(dropped_path)

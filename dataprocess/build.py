@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,17 +62,26 @@ def prefix_records(records: list[Record], source: SourceConfig, tally: Tally) ->
     return out
 
 
-def write_records(records: list[Record], path: Path) -> None:
-    """Write records as a JSON list (one record per line) or JSONL, atomically."""
+def write_records(records: Iterable[Record], path: Path) -> int:
+    """Write records as a JSON list (one record per line) or JSONL, atomically, as they come (a
+    generator of a million records is never held in memory); returns how many were written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(record_to_json(r), ensure_ascii=False) for r in records]
-    if path.suffix.lower() == ".jsonl":
-        text = "".join(line + "\n" for line in lines)
-    else:
-        text = "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"
+    jsonl = path.suffix.lower() == ".jsonl"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            out.write("" if jsonl else "[")
+            for record in records:
+                line = json.dumps(record_to_json(record), ensure_ascii=False)
+                out.write(line + "\n" if jsonl else ("\n" if count == 0 else ",\n") + line)
+                count += 1
+            out.write("" if jsonl else ("\n]\n" if count else "]\n"))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+    return count
 
 
 def write_dropped(tallies: list[Tally], path: Path) -> int:

@@ -256,9 +256,10 @@ def validate_file(
     workers: int = 8,
     *,
     allow_outside: bool = False,
-) -> tuple[list[Record], Tally]:
-    """Validate one file (``python -m dataprocess validate``): the good records and the tally."""
+) -> tuple[Iterator[Record], Tally]:
+    """Validate one file (``python -m dataprocess validate``): the good records as they are
+    checked, and the tally, which is complete once the records are exhausted."""
     tally = Tally(path.name)
     tally.counts.update(read=0, valid=0)
     validator = RecordValidator(image_root, allow_outside=allow_outside, workers=workers)
-    return list(iter_valid_records(path, tally, validator)), tally
+    return iter_valid_records(path, tally, validator), tally
