@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,9 +168,11 @@ def save_histogram(lengths: list[int], path: Path, model_max_length: int | None 
     figure.savefig(path, dpi=100)
 
 
-def read_records(path: Path) -> list[Record]:
-    """All records of a chat.json / JSONL file; the first bad record stops with its RecordError."""
-    return [parse_record(raw, source=str(path), index=i) for i, raw in iter_raw_records(path)]
+def read_records(path: Path) -> Iterator[Record]:
+    """The records of a chat.json / JSONL file as they are read (streaming: a corpus of millions
+    is never held); the first bad record stops with its RecordError."""
+    for index, raw in iter_raw_records(path):
+        yield parse_record(raw, source=str(path), index=index)
 
 
 def run_stats(
@@ -193,16 +196,15 @@ def run_stats(
     if tokenizer is None:
         tokenizer = QWenTokenizer()
     system = DEFAULT_SYSTEM_PROMPT if system is None else system
-    try:
-        records = read_records(data)
-    except RecordError as exc:
-        raise ValueError(f"{exc}; run `python -m dataprocess validate` first") from None
     blocks = ChatBlocks.build(tokenizer)  # built once, not per record
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    lengths = [
-        record_length(r, tokenizer, num_image_tokens, system, image_token_id, blocks)
-        for r in records
-    ]
+    try:  # one int per record is kept, never the records
+        lengths = [
+            record_length(r, tokenizer, num_image_tokens, system, image_token_id, blocks)
+            for r in read_records(data)
+        ]
+    except RecordError as exc:
+        raise ValueError(f"{exc}; run `python -m dataprocess validate` first") from None
     summary = summarize(lengths, model_max_length)
     histogram = histogram or data.with_suffix(".lengths.png")
     save_histogram(lengths, histogram, model_max_length)
