@@ -22,7 +22,7 @@ from runtime.evaluation.loaders import (
     load_textvqa,
 )
 from runtime.evaluation.mmbench import load_mmbench
-from runtime.evaluation.questions import CHOICE_INSTRUCTION, limit_groups
+from runtime.evaluation.questions import CHOICE_INSTRUCTION, limit_groups, screen_questions
 from runtime.evaluation.runner import read_answers
 from runtime.evaluation.scoring import pope_metrics, score
 from runtime.evaluation.vqa_accuracy import normalise_vqa_answer, vqa_accuracy
@@ -167,8 +167,40 @@ def test_pope_needs_the_image_folder(pope_files, tmp_path):
     coco, _ = pope_files
     with pytest.raises(ValueError, match="--image_folder"):
         load_pope(coco, None)
-    with pytest.raises(FileNotFoundError, match="5 image file"):
-        load_pope(coco / "coco_pope_random.json", tmp_path)
+    questions = load_pope(coco / "coco_pope_random.json", tmp_path)  # the wrong folder
+    with pytest.raises(
+        ValueError, match=r"pope X: 5 question\(s\).*image file missing.*--skip_bad"
+    ):
+        screen_questions(questions, "pope X", multiple_choice=False, skip=False)
+
+
+def test_bad_questions_are_skipped_and_counted_with_their_whole_group(pope_files, tmp_path):
+    coco, images = pope_files
+    (images / "COCO_val2014_000000000002.jpg").unlink()
+    answers = tmp_path / "theirs.jsonl"
+    rows = [{"question_id": f"random/{i}", "answer": "yes" if i < 4 else "no"} for i in range(1, 6)]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["--benchmark", "pope", "--data", str(coco / "coco_pope_random.json"),
+              "--image_folder", str(images), "--answers", str(answers)]  # fmt: skip
+    with pytest.raises(ValueError, match="question random/2: image file missing"):
+        cli.main([*common, "--output_dir", str(tmp_path / "a")])
+    report = cli.main([*common, "--output_dir", str(tmp_path / "b"), "--skip_bad_questions"])
+    assert [s["question_id"] for s in report["skipped"]] == ["random/2"]
+    assert report["counts"]["questions"] == 4 and report["scores"]["accuracy"] == 100.0
+    assert "skipped: 1 question" in (tmp_path / "b" / "report.md").read_text()
+    # MMBench: a row with one option and a row whose image is not an image; each takes its
+    # rotations with it, so no circular score is computed over part of a question.
+    bad_image = mmbench_row(3, image=base64.b64encode(b"not an image").decode("ascii"))
+    one_option = mmbench_row(
+        2, answer="A", **{"B": float("nan"), "C": float("nan")}, d=float("nan")
+    )
+    rows = [mmbench_row(1), one_option, bad_image]
+    questions = load_mmbench(mmbench_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows))
+    kept, skipped = screen_questions(questions, "mmbench X", multiple_choice=True, skip=True)
+    assert {q.group for q in kept} == {"1"} and len(kept) == 4
+    problems = {s["question_id"]: s["problem"] for s in skipped}
+    assert "1 option(s)" in problems["2"] and "does not decode" in problems["3"]
+    assert len(skipped) == 1 + 4  # row 2 has one rotation, row 3 four
 
 
 def test_mme_acc_plus_needs_both_questions_of_an_image(mme_folder):

@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="discard the answers of a different earlier run in --output_dir")  # fmt: skip
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip_bad_questions", action="store_true",
+                   help="skip (and count) questions whose image is missing or does not decode, "
+                        "or that have fewer than two options, instead of stopping")  # fmt: skip
     add_checkpoint_flags(p)
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--system_prompt", help="default: the one recorded at training time")
@@ -63,11 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_questions(args: argparse.Namespace) -> list:
-    """The benchmark's questions (the first `--limit` groups of them)."""
+def load_questions(args: argparse.Namespace) -> tuple[list, list[dict]]:
+    """The benchmark's questions (the first `--limit` groups of them) that can be asked, and the
+    skipped ones ({question_id, problem}; empty unless --skip_bad_questions)."""
     from runtime.evaluation import loaders
     from runtime.evaluation.mmbench import load_mmbench
-    from runtime.evaluation.questions import limit_groups
+    from runtime.evaluation.questions import limit_groups, screen_questions
 
     data = Path(args.data)
     if not data.exists():
@@ -89,7 +93,16 @@ def load_questions(args: argparse.Namespace) -> list:
         questions = loaders.load_records(data, folder)
     if not questions:
         raise ValueError(f"--data {data}: no questions found")
-    return limit_groups(questions, args.limit)
+    questions, skipped = screen_questions(
+        limit_groups(questions, args.limit),
+        f"{args.benchmark} {data}",
+        multiple_choice=args.benchmark in ("mmbench", "scienceqa"),
+        skip=args.skip_bad_questions,
+    )
+    if skipped:
+        logger.warning("skipped %d question(s) that cannot be asked or scored, e.g. %s",
+                       len(skipped), skipped[0])  # fmt: skip
+    return questions, skipped
 
 
 def describe_run(args: argparse.Namespace, settings) -> dict:
@@ -127,7 +140,7 @@ def evaluate(args: argparse.Namespace, session=None) -> dict:
     settings = GenerationSettings.from_args(args)
     if args.system_prompt is not None:
         check_system_prompt(args.system_prompt)
-    questions = load_questions(args)
+    questions, skipped = load_questions(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir}: exists and is not a directory")
@@ -151,6 +164,7 @@ def evaluate(args: argparse.Namespace, session=None) -> dict:
         description["model_weights"] or description["answers_file"]
     )
     report.update(score(args.benchmark, questions, answers))
+    report["skipped"] = skipped
     write_report(output_dir, report)
     return report
 

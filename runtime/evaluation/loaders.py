@@ -116,7 +116,6 @@ def load_pope(data: Path, image_folder: Path | None) -> list[Question]:
             except (json.JSONDecodeError, KeyError, AttributeError) as error:
                 raise ValueError(f"{file}, line {number}: not a POPE question ({error})") from None
             questions.append(question)
-    check_images(questions, "--image_folder")
     return questions
 
 
@@ -155,7 +154,6 @@ def load_scienceqa(data: Path, image_folder: Path | None, split: str = "test") -
                 meta=meta,
             )  # fmt: skip
         )
-    check_images(questions, "--image_folder")
     return questions
 
 
@@ -177,7 +175,6 @@ def load_textvqa(data: Path, image_folder: Path | None) -> list[Question]:
         )
         for row in rows
     ]
-    check_images(questions, "--image_folder")
     return questions
 
 
@@ -201,20 +198,7 @@ def load_records(data: Path, image_folder: Path | None) -> list[Question]:
             images, reference=turns[-1].content, meta={"turns": len(turns) // 2},
             system_prompt=system,
         ))  # fmt: skip
-    check_images(questions, "--image_folder")
     return questions
-
-
-def check_images(questions: list[Question], flag: str) -> None:
-    """Every image file exists, or one error naming the first missing ones and the flag."""
-    missing = [
-        str(p) for q in questions for p in q.images if isinstance(p, Path) and not p.is_file()
-    ]
-    if missing:
-        shown = ", ".join(missing[:3]) + (
-            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        )
-        raise FileNotFoundError(f"{len(missing)} image file(s) missing: {shown}; check {flag}")
 
 
 def _read_json(path: Path):

@@ -118,3 +118,53 @@ def limit_groups(questions: list[Question], limit: int | None) -> list[Question]
             kept.add(question.group)
         out.append(question)
     return out
+
+
+def question_problem(question: Question, multiple_choice: bool) -> str | None:
+    """Why `question` cannot be asked or scored (a missing image file, an embedded image that
+    does not decode, a multiple-choice row with fewer than two options), or None."""
+    if multiple_choice and len(question.options) < 2:
+        return f"{len(question.options)} option(s); a multiple-choice question needs two or more"
+    for image in question.images:
+        if isinstance(image, Path):
+            if not image.is_file():
+                return f"image file missing: {image}"
+            continue
+        try:
+            with Image.open(io.BytesIO(image)) as opened:
+                opened.verify()  # header and structure, without a full decode
+        except Exception as error:  # PIL raises many types for corrupt data; all mean unusable
+            return f"its embedded image does not decode ({type(error).__name__}: {error})"
+    return None
+
+
+def screen_questions(
+    questions: list[Question], where: str, *, multiple_choice: bool, skip: bool
+) -> tuple[list[Question], list[dict]]:
+    """The questions that can be asked, and the skipped ones as {question_id, problem}.
+
+    A bad question stops the run (naming `where` - benchmark and file - and the first questions)
+    unless `skip`; then its whole group (an MMBench question's rotations, an MME image's pair)
+    is left out and counted, so no score is computed over half a group.
+    """
+    problems = {}
+    for question in questions:
+        problem = question_problem(question, multiple_choice)
+        if problem is not None:
+            problems[question.question_id] = problem
+    if not problems:
+        return questions, []
+    examples = "; ".join(f"question {qid}: {why}" for qid, why in list(problems.items())[:3])
+    if not skip:
+        raise ValueError(
+            f"{where}: {len(problems)} question(s) cannot be asked or scored, e.g. {examples}; "
+            "fix the files (or --image_folder) or pass --skip_bad_questions to skip and count them"
+        )
+    bad_groups = {q.group for q in questions if q.question_id in problems}
+    kept = [q for q in questions if q.group not in bad_groups]
+    skipped = [
+        {"question_id": q.question_id, "problem": problems.get(q.question_id, "in a bad group")}
+        for q in questions
+        if q.group in bad_groups
+    ]
+    return kept, skipped

@@ -35,6 +35,9 @@ def render_markdown(report: dict) -> str:
              f"- data: `{report['data']}`", f"- model: `{source}`",
              f"- questions: {counts['questions']} (answered {counts['answered']}, "
              f"unparsed {counts['unparsed']}, missing {counts['missing']})"]  # fmt: skip
+    if report.get("skipped"):
+        lines.append(f"- skipped: {len(report['skipped'])} question(s) that cannot be asked or "
+                     "scored (listed in report.json)")  # fmt: skip
     if report.get("note"):
         lines.append(f"- note: {report['note']}")
     lines += ["", "## Scores", ""]
