@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from bench.measure import timed_backward_steps
 from dataset.conversation import IGNORE_INDEX
 from demo.tiny_models import TINY_QWEN
 from qwen import QWenConfig, QWenLMHeadModel
@@ -68,25 +67,15 @@ def run_variant(args: argparse.Namespace) -> dict:
     labels = input_ids.clone()
     answer_start = int(args.length * (1 - args.supervised))
     labels[:, :answer_start] = IGNORE_INDEX  # the prompt carries no loss
-    times, losses = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.steps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+
+    def compute_loss() -> torch.Tensor:
         if args.variant == "full":
-            loss = full_logits_loss(model, input_ids, labels)
-        else:
-            loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+            return full_logits_loss(model, input_ids, labels)
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+
+    times, losses, peak = timed_backward_steps(
+        compute_loss, args.steps, device, before_step=lambda: model.zero_grad(set_to_none=True)
+    )
     return {
         "variant": args.variant,
         "device": device.type,

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from bench.measure import rss_bytes
+from bench.measure import rss_bytes, timed_backward_steps
 from demo.tiny_models import TINY_QWEN
 from qwen.loss import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX, supervised_cross_entropy
 
@@ -96,26 +94,22 @@ def run_cell(args: argparse.Namespace) -> dict:
     hidden = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)  # [B, T, H]
     labels = torch.randint(0, VOCAB, (batch_size, length), device=device)
     labels[:, : int(length * (1 - float(share)))] = IGNORE_INDEX  # the prompt carries no loss
-    times, losses = [], []
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = rss_bytes()
-    for _ in range(args.steps):
+
+    def clear() -> None:
         hidden.grad = None
-        start = time.perf_counter()
-        loss = loss_of(variant, hidden, labels, lm_head, args.chunk_size)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    times, losses, peak = timed_backward_steps(
+        lambda: loss_of(variant, hidden, labels, lm_head, args.chunk_size),
+        args.steps,
+        device,
+        before_step=clear,
+    )
     return {
         "variant": variant,
         "size": size,

@@ -132,3 +132,32 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def timed_backward_steps(compute_loss, steps: int, device: torch.device, before_step=None):
+    """`steps` forward + backward passes of `compute_loss()` (which returns the loss tensor).
+
+    Returns (seconds per step, loss values, peak bytes): the CUDA allocator's peak since the
+    first step, or this process's peak RSS on CPU (so run one measured thing per process).
+    `before_step` (e.g. clearing gradients) runs before each step, outside the timing.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        if before_step is not None:
+            before_step()
+        start = time.perf_counter()
+        loss = compute_loss()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return times, losses, peak
