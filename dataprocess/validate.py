@@ -187,17 +187,21 @@ class RecordValidator:
         self, records: Iterable[Record], tally_of: Callable[[Record], Tally]
     ) -> Iterator[Record]:
         """Yield the records that pass, in order, image paths fixed; tally every fault."""
-        iterator = iter(records)
+        return self.validate_tallied((record, tally_of(record)) for record in records)
+
+    def validate_tallied(self, pairs: Iterable[tuple[Record, Tally]]) -> Iterator[Record]:
+        """:meth:`validate` for a stream that knows each record's tally (the build's sources)."""
+        iterator = iter(pairs)
         while chunk := list(islice(iterator, CHUNK)):
-            new = {path for record in chunk for path in record.images} - self._images.keys()
+            new = {path for record, _ in chunk for path in record.images} - self._images.keys()
             self._images.update(
                 check_images(
                     self.root, new, self.workers, allow_outside=self.allow_outside,
                     decode=self.decode,
                 )
             )  # fmt: skip
-            for record in chunk:
-                good = self._check(record, tally_of(record))
+            for record, tally in chunk:
+                good = self._check(record, tally)
                 if good is not None:
                     yield good
 
