@@ -83,11 +83,13 @@ def run(config, resume: str | None, rank: int = 0):
     from model.config import resolve_dtype
     from runtime.config import save_config
     from runtime.data import build_datasets
+    from runtime.engines import needs_tower_probe
     from runtime.reporting import plot_loss_curve
     from runtime.resume import TRAIN_CONFIG
     from runtime.trainer import VLMTrainer, training_arguments
 
     vlm, tokenizer = build_model(config)
+    vlm.probe_tower = needs_tower_probe(config.training.deepspeed, config.data.feature_cache)
     description = describe(
         vlm,
         config.language_model,
@@ -103,7 +105,7 @@ def run(config, resume: str | None, rank: int = 0):
     dtype = resolve_dtype(config.language_model.dtype)
     trainer = VLMTrainer(
         model=vlm,
-        args=training_arguments(config, dtype, has_eval=eval_data is not None),
+        args=training_arguments(config, dtype, has_eval=eval_data is not None, llm=vlm.llm),
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=collator,

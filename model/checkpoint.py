@@ -102,23 +102,42 @@ def save_description(description: dict, out_dir: str | Path) -> None:
     (out / VLM_CONFIG).write_text(json.dumps(description, indent=2), encoding="utf-8")
 
 
-def save_projector_weights(vlm: VisionLanguageModel, out: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in vlm.projector.state_dict().items()}
-    save_file(state, out / PROJECTOR_FILE)
+def save_projector_weights(
+    vlm: VisionLanguageModel, out: Path, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
+    state = _with_gathered(vlm.projector.state_dict(), gathered, "projector.")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / PROJECTOR_FILE)
 
 
-def save_trainable(vlm: VisionLanguageModel, tokenizer, out_dir: str | Path, description: dict):
-    """Writes the projector, the adapter or full LLM if they trained, the tokenizer and config."""
+def _with_gathered(state: dict, gathered: dict | None, prefix: str) -> dict:
+    """A module's own state with the gathered tensors of its parameters (`prefix` + name) in
+    place of its local ones, which ZeRO-3 or FSDP holds only a shard of."""
+    if gathered is None:
+        return state
+    return {k: gathered.get(prefix + k, v) for k, v in state.items()}
+
+
+def save_trainable(
+    vlm: VisionLanguageModel,
+    tokenizer,
+    out_dir: str | Path,
+    description: dict,
+    gathered: dict[str, torch.Tensor] | None = None,
+):
+    """Writes the projector, the adapter or full LLM if they trained, the tokenizer and config.
+
+    `gathered`: {VLM parameter name: whole tensor} for every trainable parameter, where an engine
+    shards them (runtime/engines.py); the files are the same as a single process writes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_projector_weights(vlm, out)
+    save_projector_weights(vlm, out, gathered)
     weights = [PROJECTOR_FILE]
-    if isinstance(vlm.llm, PeftModel):
-        vlm.llm.save_pretrained(out / ADAPTER_DIR)
-        weights.append(ADAPTER_DIR)
-    elif any(p.requires_grad for p in vlm.llm.parameters()):
-        vlm.llm.save_pretrained(out / LLM_DIR)
-        weights.append(LLM_DIR)
+    trains_llm = any(p.requires_grad for p in vlm.llm.parameters())
+    if isinstance(vlm.llm, PeftModel) or trains_llm:
+        folder = ADAPTER_DIR if isinstance(vlm.llm, PeftModel) else LLM_DIR
+        state = None if gathered is None else _with_gathered(vlm.llm.state_dict(), gathered, "llm.")
+        vlm.llm.save_pretrained(out / folder, state_dict=state)
+        weights.append(folder)
     tokenizer.save_pretrained(out)
     save_description({**description, "weights": weights}, out)
 

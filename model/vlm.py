@@ -39,6 +39,8 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.image_token_id = int(image_token_id)
+        # Run the frozen tower too on batches without images (see `_image_path_probe`)
+        self.probe_tower = False
 
     @property
     def native_splice(self) -> bool:
@@ -70,6 +72,7 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         vision_features: torch.Tensor | None = None,
+        probe: bool = False,
     ) -> dict:
         if pixel_values is not None and vision_features is not None:
             raise ValueError("pass pixel_values or cached vision_features, not both")
@@ -78,6 +81,13 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_images(pixel_values)
         elif vision_features is not None:
             image_features = self.project_features(vision_features)
+        elif probe:
+            # A training batch without images would leave the image path out of the graph, and
+            # under DDP or ZeRO the ranks would disagree on which gradients exist, which weights
+            # to gather, and in which order: a hang. Instead it carries zero rows of a blank
+            # image's features, spliced like real ones: the same modules run in the same order
+            # forward and backward on every rank, with zero gradients and the loss unchanged.
+            image_features = self._image_path_probe()[:0]  # [0, N', Dl]
         if self.native_splice:
             return {"input_ids": input_ids, "image_features": image_features}
         inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, Dl]
@@ -100,7 +110,8 @@ class VisionLanguageModel(nn.Module):
         Batches read from a feature cache carry `vision_features` (the frozen tower's output,
         `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs.
         """
-        inputs = self._llm_inputs(input_ids, pixel_values, vision_features)
+        probe = self.training and labels is not None
+        inputs = self._llm_inputs(input_ids, pixel_values, vision_features, probe=probe)
         if position_ids is not None:
             inputs["position_ids"] = position_ids
         if labels is not None and not self.native_splice and not _transforms_logits(self.llm):
@@ -109,12 +120,6 @@ class VisionLanguageModel(nn.Module):
             output = self.llm(
                 **inputs, attention_mask=attention_mask, labels=labels, use_cache=False
             )
-        no_images = pixel_values is None and vision_features is None
-        if no_images and self.training and output.loss is not None:
-            # A batch without images leaves the projector out of the graph; under DDP or ZeRO-3 the
-            # ranks would then disagree on which gradients exist and hang. A zero-weighted pass
-            # keeps every rank's graph identical without changing the loss.
-            output.loss = output.loss + 0.0 * self._projector_probe()
         return output
 
     def _decoder_loss(
@@ -131,11 +136,18 @@ class VisionLanguageModel(nn.Module):
         loss = supervised_cross_entropy(hidden_states, labels, lm_head, chunk_size)
         return CausalLMOutputWithPast(loss=loss)
 
-    def _projector_probe(self) -> torch.Tensor:
+    def _image_path_probe(self) -> torch.Tensor:
+        """The projector on blank tower output `[1, N', Dl]`; with `probe_tower` (set by the run
+        layer under ZeRO-3, where the tower gathers its weights by collective calls too) tower
+        and projector on a blank image."""
         weight = next(self.projector.parameters())
+        if self.probe_tower:
+            size = self.vision.image_size
+            blank = torch.zeros((1, 3, size, size), dtype=self.vision.dtype, device=weight.device)
+            return self.encode_images(blank)  # [1, 3, H, W] -> [1, N', Dl]
         shape = (1, self.vision.num_image_tokens, self.vision.hidden_size)
-        dummy = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # [1, N, Dv]
-        return self.projector(dummy).sum()
+        blank = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # [1, N, Dv]
+        return self.project_features(blank)  # [1, N', Dl]
 
     @torch.no_grad()
     def generate(

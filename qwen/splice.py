@@ -54,8 +54,8 @@ def splice_image_features(
             f"(image_token_id={image_token_id}) but there are {rows.shape[0]} image feature rows "
             f"(image_features shape {tuple(image_features.shape)})."
         )
-    if num_positions == 0:
-        return inputs_embeds
+    if num_positions == 0 and not rows.requires_grad:
+        return inputs_embeds  # (zero rows that need gradients still join the graph below)
     rows = rows.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
     # masked_scatter fills True positions in row-major order, which is the order of the rows.
     mask = placeholder.unsqueeze(-1).expand_as(inputs_embeds)  # [B, T, H]

@@ -27,6 +27,7 @@ from model.config import (
     validate_model_config,
 )
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
+from runtime.engines import check_engines
 
 REPORT_TO = ("tensorboard", "none")
 
@@ -74,7 +75,11 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
     # Resume from a checkpoint without optimizer/scheduler state: weights only, fresh optimizer
     resume_weights_only: bool = False
-    deepspeed: str | None = None  # a DeepSpeed JSON (configs/deepspeed/zero2.json); needs deepspeed
+    # Scale-out engines (runtime/engines.py), one at most: a DeepSpeed JSON
+    # (configs/deepspeed/zero2.json; pip install -r requirements-scale.txt) or an FSDP2 JSON
+    # (configs/fsdp/full_shard.json)
+    deepspeed: str | None = None
+    fsdp: str | None = None
     # Supervised tokens per chunk of the LM loss (lm_head + cross-entropy, qwen/loss.py): the loss's
     # memory is one chunk's logits, never the batch's; null = the default there
     lm_loss_chunk_size: int | None = None
@@ -180,11 +185,7 @@ def validate_config(config: RunConfig) -> None:
     """Reject values that would otherwise fail hours later, naming the flag and allowed values."""
     validate_model_config(config.language_model, config.vision, config.projector, config.lora)
     check_choice("report_to", config.training.report_to, REPORT_TO)
-    deepspeed = config.training.deepspeed
-    if deepspeed is not None and not Path(deepspeed).is_file():
-        raise ValueError(
-            f"--deepspeed {deepspeed!r}: no such file (e.g. configs/deepspeed/zero2.json)"
-        )
+    check_engines(config.training.deepspeed, config.training.fsdp, bits=config.language_model.bits)
     cache = config.data.feature_cache
     if cache is not None and not Path(cache).is_dir():
         raise ValueError(

@@ -46,6 +46,7 @@ TRAIN_CONFIG = "train_config.yaml"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+FSDP_OPTIMIZER_FILE = "optimizer.bin"  # accelerate's name, FULL_STATE_DICT
 # Settings that shape the network or decide what trains: weights saved under other values do not
 # fit, or mean something else (another lora_alpha scales the same weights differently)
 NETWORK_FIELDS = (
@@ -81,6 +82,7 @@ EXACT_FIELDS = (
 _LOST_WITHOUT = {
     TRAINER_STATE: "the step count and data position",
     OPTIMIZER_FILE: "the optimizer's moments",
+    FSDP_OPTIMIZER_FILE: "the optimizer's moments",
     SCHEDULER_FILE: "the learning-rate schedule",
 }
 _RNG_LOST = "this process's random state (one file per process: resume with as many processes)"
@@ -125,9 +127,11 @@ def check_resume(config: RunConfig, checkpoint: str | Path, *, world_size: int =
     if not exact:
         return
     state = checkpoint / TRAINER_STATE
-    archives = [rng_state_file(checkpoint, world_size, rank)]
-    if config.training.deepspeed is None:  # DeepSpeed keeps its optimizer in its own files
-        archives = [checkpoint / OPTIMIZER_FILE, checkpoint / SCHEDULER_FILE, *archives]
+    archives = [
+        checkpoint / SCHEDULER_FILE,
+        *_optimizer_files(config.training, checkpoint),
+        rng_state_file(checkpoint, world_size, rank),
+    ]
     for path in (state, *archives):
         if not path.is_file():
             lost = _LOST_WITHOUT.get(path.name, _RNG_LOST)
@@ -138,6 +142,24 @@ def check_resume(config: RunConfig, checkpoint: str | Path, *, world_size: int =
     _check_trainer_state(state)
     for path in archives:
         check_torch_file(path)
+
+
+def _optimizer_files(training: TrainingConfig, checkpoint: Path) -> list[Path]:
+    """Where each engine keeps the optimizer (`runtime/trainer.py` writes them): DeepSpeed in the
+    folder its `latest` file names (checked here, its files are DeepSpeed's to read), FSDP in
+    `optimizer.bin`, the rest in `optimizer.pt`."""
+    if training.fsdp is not None:
+        return [checkpoint / FSDP_OPTIMIZER_FILE]
+    if training.deepspeed is None:
+        return [checkpoint / OPTIMIZER_FILE]
+    latest = checkpoint / "latest"
+    tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    if not tag or not (checkpoint / tag).is_dir():
+        raise CheckpointError(
+            f"{latest}: missing, or names no folder of DeepSpeed's optimizer state, so resuming "
+            f"{checkpoint} would not be exact; pass {WEIGHTS_ONLY_HINT}"
+        )
+    return []
 
 
 def check_same_settings(config: RunConfig, checkpoint: Path, *, exact: bool) -> None:

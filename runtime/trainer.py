@@ -18,13 +18,22 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate.utils import save_fsdp_optimizer
+from torch import nn
 from transformers import Trainer
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from model.checkpoint import CheckpointError, save_trainable
 from runtime.config import RunConfig, save_config
+from runtime.engines import (
+    deepspeed_settings,
+    fsdp_settings,
+    gathered_trainable_state,
+    zero_stage,
+)
 from runtime.reporting import ThroughputCallback
 from runtime.resume import (
     OPTIMIZER_FILE,
@@ -112,14 +121,22 @@ class VLMTrainer(Trainer):
             logs.update(self.throughput.measure(self.state.num_input_tokens_seen))
         super().log(logs, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:
-            return
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves the trainable weights only, whole: under ZeRO-3 or FSDP every rank helps gather
+        them (never the frozen base), then the first process writes them as one process would."""
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_trainable(model, self.processing_class, output_dir, self.description)
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and self._zero3)
+        gathered = gathered_trainable_state(model) if sharded else None
+        if not self.args.should_save:
+            return
+        save_trainable(model, self.processing_class, output_dir, self.description, gathered)
         save_config(self.run_config, Path(output_dir) / TRAIN_CONFIG)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    @property
+    def _zero3(self) -> bool:
+        return zero_stage(self.accelerator.state.deepspeed_plugin.deepspeed_config) == 3
 
     def _save_checkpoint(self, model, trial) -> None:
         """Writes `tmp-checkpoint-N/` and renames it to `checkpoint-N/` only once it is complete.
@@ -162,10 +179,43 @@ class VLMTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """DeepSpeed and FSDP keep the optimizer in their own formats, written here without the
+        frozen base (the Trainer would add every frozen weight to each checkpoint): DeepSpeed's
+        checkpoint excludes frozen weights, FSDP writes the optimizer only; the trainable weights
+        are in the checkpoint's own files (`save_model`)."""
+        if self.is_deepspeed_enabled:
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        elif self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        if self.args.should_save:  # the Trainer's scheduler (engine files never hold one here)
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """A DeepSpeed checkpoint of this trainer holds no frozen weights, so it is loaded
+        non-strictly here (the Trainer loads it strictly: every frozen weight would be missing)."""
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super()._prepare_for_training(
+                max_steps, train_dataloader, resume_from_checkpoint
+            )
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(
+            self.model_wrapped, resume_from_checkpoint, load_module_strict=False
+        )
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        return prepared
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """`resume_from_checkpoint` resumes exactly (see `runtime/resume.py`); with the run's
-        `resume_weights_only` it loads only the trainable weights and starts a new run at step 0."""
+        `resume_weights_only` it loads only the trainable weights and starts a new run at step 0.
+        Under FSDP the weights are loaded here, before the Trainer shards the model."""
         if resume_from_checkpoint is None or not self.run_config.training.resume_weights_only:
+            if resume_from_checkpoint is not None and self.is_fsdp_enabled:
+                load_trainable_state(self.model, resume_from_checkpoint)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         load_trainable_state(self.model, resume_from_checkpoint)
         logger.warning(
@@ -177,6 +227,8 @@ class VLMTrainer(Trainer):
         return super().train(**kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:
+            return  # loaded before sharding (`train`)
         model = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
         load_trainable_state(model, resume_from_checkpoint)
         logger.info("resumed trainable weights from %s", resume_from_checkpoint)
@@ -205,11 +257,16 @@ class VLMTrainer(Trainer):
             raise CheckpointError(f"{path}: damaged ({first_line(error)})") from None
 
 
-def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool):
+def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool, llm: nn.Module):
     """TrainingArguments from the `training` section; the rest is fixed by this design."""
     from transformers import TrainingArguments
 
     t = config.training
+    engine = {}
+    if t.deepspeed is not None:
+        engine["deepspeed"] = deepspeed_settings(t.deepspeed, llm)
+    if t.fsdp is not None:
+        engine.update(fsdp=True, fsdp_config=fsdp_settings(t.fsdp, llm))
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=t.output_dir,
@@ -243,5 +300,5 @@ def training_arguments(config: RunConfig, dtype: torch.dtype, has_eval: bool):
         gradient_checkpointing=False,  # enabled on the LLM itself (model/trainable.py)
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",  # for tokens_per_second
-        deepspeed=t.deepspeed,
+        **engine,
     )
