@@ -140,21 +140,15 @@ def _write_valid(
 
 
 def write_dropped(tallies: list[Tally], path: Path) -> int:
-    """Write one JSON line per error (id, file, kind, message); return how many."""
-    issues = [issue for tally in tallies for issue in tally.errors]
+    """Write one JSON line per error (source, id, file, kind, message); return how many."""
+    count = 0
     with path.open("w", encoding="utf-8") as handle:
-        for issue in issues:
-            handle.write(
-                json.dumps(
-                    {"source": _source_of(tallies, issue)} | issue.to_json(), ensure_ascii=False
-                )
-                + "\n"
-            )
-    return len(issues)
-
-
-def _source_of(tallies: list[Tally], issue: Any) -> str:
-    return next((t.name for t in tallies if issue in t.errors), "")
+        for tally in tallies:
+            for issue in tally.errors:
+                line = json.dumps({"source": tally.name} | issue.to_json(), ensure_ascii=False)
+                handle.write(line + "\n")
+                count += 1
+    return count
 
 
 def side_paths(output: Path) -> tuple[Path, Path]:

@@ -166,3 +166,18 @@ def test_package_is_torch_free() -> None:
         "dataprocess.process_image, dataprocess.stats; assert 'torch' not in sys.modules, 'torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_dropped_list_names_each_errors_own_source(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "1", "conversations": []}\n', encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "image_root: .\noutput: chat.json\nsources:\n"
+        "  - {name: a, format: llava, path: broken.jsonl}\n"
+        "  - {name: b, format: llava, path: broken.jsonl}\n",
+        encoding="utf-8",
+    )
+    report = build(load_config(config), drop_invalid=True)
+    lines = Path(report["dropped_list"]).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["source"] for line in lines] == ["a", "b"]
