@@ -43,6 +43,10 @@ def read_engine_file(flag: str, path: str) -> dict:
     return settings
 
 
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def zero_stage(settings: dict) -> int:
     return int(settings.get("zero_optimization", {}).get("stage", 0))
 
@@ -59,7 +63,7 @@ def check_engines(deepspeed: str | None, fsdp: str | None, *, bits: int | None) 
 
 def _check_deepspeed(path: str, bits: int | None) -> None:
     settings = read_engine_file("--deepspeed", path)
-    if importlib.util.find_spec("deepspeed") is None:
+    if not deepspeed_installed():
         raise ValueError(
             f"--deepspeed {path}: the deepspeed package is not installed; "
             "pip install -r requirements-scale.txt (see README, Scaling out)"
