@@ -29,12 +29,13 @@ READ_ONLY = (
     "import sys; from dataprocess.schema import iter_raw_records; "
     "print(sum(1 for _ in iter_raw_records(sys.argv[1])))"
 )
-# Runs argv[1:] and reports its wall time and peak RSS; a fresh process per measurement, so
-# RUSAGE_CHILDREN holds that one command only.
+# Runs argv[2:] (output to the file argv[1], "-" for none) and reports its wall time and peak
+# RSS; a fresh process per measurement, so RUSAGE_CHILDREN holds that one command only.
 MEASURE = """
 import json, resource, subprocess, sys, time
+log = open(sys.argv[1], "w") if sys.argv[1] != "-" else subprocess.DEVNULL
 start = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+rc = subprocess.run(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT).returncode
 wall = time.perf_counter() - start
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
 print(json.dumps({"rc": rc, "wall_s": wall, "max_rss_mib": rss / 1024}))
@@ -87,10 +88,15 @@ def write_data(out: Path, count: int) -> tuple[Path, Path, Path]:
     return out, json_path, jsonl_path
 
 
-def measure(command: list[str], cwd: Path) -> dict:
+def measure(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+) -> dict:
+    """Wall time, peak RSS and exit status of ``command`` run alone in a fresh helper process;
+    its output goes to ``log`` (or nowhere)."""
     result = subprocess.run(
-        [sys.executable, "-c", MEASURE, *command],
+        [sys.executable, "-c", MEASURE, str(log) if log else "-", *command],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
