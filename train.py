@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None):
     can be refused (flags, output directory, the checkpoint to resume) is, before a model loads."""
     config = parse_args(argv)
     check_prompt_flags(config)
+    from runtime.engines import check_engine_device
+
+    check_engine_device(config.training.fsdp)
     from runtime.resume import check_resume
     from runtime.run_dir import claim_output_dir
 

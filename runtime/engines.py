@@ -61,6 +61,16 @@ def check_engines(deepspeed: str | None, fsdp: str | None, *, bits: int | None) 
         _check_fsdp(fsdp, bits)
 
 
+def check_engine_device(fsdp: str | None) -> None:
+    """FSDP through the Trainer needs GPUs: accelerate 1.15 makes CPU processes MULTI_CPU and then
+    ignores the FSDP plugin, so a CPU run would silently be plain DDP."""
+    if fsdp is not None and not torch.cuda.is_available():
+        raise ValueError(
+            f"--fsdp {fsdp}: FSDP needs GPUs (on CPU processes accelerate runs plain DDP and "
+            "ignores FSDP); on CPU use --deepspeed configs/deepspeed/zero3.json, or no engine"
+        )
+
+
 def _check_deepspeed(path: str, bits: int | None) -> None:
     settings = read_engine_file("--deepspeed", path)
     if not deepspeed_installed():

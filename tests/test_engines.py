@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,14 @@ def test_engine_settings_take_their_sizes_and_wrap_unit_from_the_llm():
     assert not engines.needs_tower_probe(str(ZERO2), None)
 
 
+def test_fsdp_on_cpu_is_refused_not_run_as_ddp(engine_flags, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: FSDP can run")
+    with pytest.raises(ValueError, match="--fsdp .*FSDP needs GPUs"):
+        train.main(engine_flags(tmp_path / "out", fsdp=FSDP))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 # --- real runs ---------------------------------------------------------------------------------
 
 
@@ -139,8 +148,16 @@ def engine_flags(tiny_qwen_dir, tiny_clip_dir, shapes_dir, one_image_data):
     return make
 
 
-def run_two_processes(script: str, args: list[str]) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(script: str, args: list[str], command: list[str] = TORCHRUN) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*command, str(REPO / script), *args],
@@ -265,3 +282,30 @@ def test_fsdp_two_processes_match_one_and_resume_before_sharding(
         trained_weights(tmp_path / "two_b")["linear_1.weight"],
     )
     assert_merges(two, tmp_path / "merged")
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("launcher", ["torchrun-rendezvous", "accelerate-multi-node-config"])
+def test_multi_node_launch_commands_run_on_one_node(launcher, engine_flags, single_runs, tmp_path):
+    """The documented multi-node forms (docs/RECIPES.md), with one node of 2 processes."""
+    port = free_port()
+    if launcher == "torchrun-rendezvous":
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test",
+        ]  # fmt: skip
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(REPO / "configs" / "accelerate" / "multi_node.yaml"),
+            "--num_machines=1", "--num_processes=2", "--machine_rank=0",
+            "--main_process_ip=127.0.0.1", f"--main_process_port={port}",
+        ]  # fmt: skip
+    out = tmp_path / "run"
+    run_two_processes(
+        "train.py", engine_flags(out, per_device_train_batch_size=1, deepspeed=ZERO2), command
+    )
+    single = single_runs["projector+lora"]
+    assert losses_at(out / "checkpoint-3") == pytest.approx(losses_at(single / "checkpoint-3"))
+    assert (out / "checkpoint-3" / "rng_state_1.pth").is_file()

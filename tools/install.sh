@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned stack (CPU torch unless a CUDA torch is already there) and the
 # torchvision import hook. Safe to run again: pip skips what is installed.
+# --scale adds the scale-out engines' packages (requirements-scale.txt: DeepSpeed).
 set -euo pipefail
+SCALE=0
+for arg in "$@"; do
+  case "$arg" in
+    --scale) SCALE=1 ;;
+    *) echo "tools/install.sh: unknown option $arg (known: --scale)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -13,6 +21,10 @@ VENV=${VENV:-.venv}
 # pinned 13.0.0 (see requirements-web.txt); the rest of its closure is pinned there.
 "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps -r requirements-web.txt \
   -c constraints.txt
+if [ "$SCALE" = 1 ]; then
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-build-isolation \
+    -r requirements-scale.txt -c constraints.txt
+fi
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp tools/torchvision_cpu_hook.py "$site/"
