@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None):
     check_prompt_flags(config)
     from runtime.engines import check_engine_device
 
-    check_engine_device(config.training.fsdp)
+    check_engine_device(config.training.deepspeed, config.training.fsdp)
     from runtime.resume import check_resume
     from runtime.run_dir import claim_output_dir
 

@@ -113,11 +113,17 @@ def test_engine_settings_take_their_sizes_and_wrap_unit_from_the_llm():
     assert not engines.needs_tower_probe(str(ZERO2), None)
 
 
-def test_fsdp_on_cpu_is_refused_not_run_as_ddp(engine_flags, tmp_path):
+@needs_deepspeed
+def test_gpu_only_engine_settings_are_refused_on_cpu(engine_flags, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: FSDP can run")
     with pytest.raises(ValueError, match="--fsdp .*FSDP needs GPUs"):
         train.main(engine_flags(tmp_path / "out", fsdp=FSDP))
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match="offload_param offloads GPU memory .* needs GPUs"):
+        train.main(
+            engine_flags(tmp_path / "out", deepspeed=write_json(tmp_path / "o.json", offload))
+        )
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
