@@ -78,6 +78,8 @@ EXACT_FIELDS = (
     "image_aspect_ratio",
     "group_by_length",
     "packing",
+    "deepspeed",  # each engine keeps its optimizer in its own format
+    "fsdp",
 )
 _LOST_WITHOUT = {
     TRAINER_STATE: "the step count and data position",

@@ -234,9 +234,10 @@ def test_deepspeed_two_processes_match_one(config, mode, engine_flags, single_ru
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_zero3_resumes_exactly_and_its_checkpoint_merges(engine_flags, tmp_path):
+@pytest.mark.parametrize("config", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_deepspeed_resumes_exactly_and_its_checkpoint_merges(config, engine_flags, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    settings = dict(per_device_train_batch_size=1, deepspeed=ZERO3, max_steps=4, save_steps=2)
+    settings = dict(per_device_train_batch_size=1, deepspeed=config, max_steps=4, save_steps=2)
     run_two_processes("train.py", engine_flags(whole, **settings))
     shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("checkpoint-4"))
     for name in ("projector.safetensors", "adapter", "loss.png"):  # as a kill after step 2 leaves
@@ -247,6 +248,9 @@ def test_zero3_resumes_exactly_and_its_checkpoint_merges(engine_flags, tmp_path)
     )
     assert losses_at(resumed / "checkpoint-4") == losses_at(whole / "checkpoint-4")
     assert_same_weights(whole, resumed)
+    with pytest.raises(ValueError, match="--deepspeed is None here"):  # same engine, or refused
+        without = {k: v for k, v in settings.items() if k != "deepspeed"}
+        train.main(engine_flags(resumed, resume_from_checkpoint="latest", **without))
     assert_merges(whole / "checkpoint-4", tmp_path / "merged")
 
 
