@@ -132,9 +132,9 @@ def save_trainable(
     out.mkdir(parents=True, exist_ok=True)
     save_projector_weights(vlm, out, gathered)
     weights = [PROJECTOR_FILE]
-    trains_llm = any(p.requires_grad for p in vlm.llm.parameters())
-    if isinstance(vlm.llm, PeftModel) or trains_llm:
-        folder = ADAPTER_DIR if isinstance(vlm.llm, PeftModel) else LLM_DIR
+    adapter = isinstance(vlm.llm, PeftModel)
+    if adapter or any(p.requires_grad for p in vlm.llm.parameters()):
+        folder = ADAPTER_DIR if adapter else LLM_DIR
         state = None if gathered is None else _with_gathered(vlm.llm.state_dict(), gathered, "llm.")
         vlm.llm.save_pretrained(out / folder, state_dict=state)
         weights.append(folder)

@@ -151,6 +151,24 @@ def test_text_only_batch_still_touches_the_projector(config):
     out = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     out.loss.backward()
     assert all(p.grad is not None for p in vlm.projector.parameters())
+    assert all(torch.count_nonzero(p.grad) == 0 for p in vlm.projector.parameters())
+    vlm.eval()  # no probe outside training: the same loss without the image path
+    assert vlm(input_ids=ids, labels=ids).loss.item() == out.loss.item()
+
+
+def test_text_only_batch_runs_the_tower_when_zero3_gathers_it(config):
+    """Under ZeRO-3 the frozen tower gathers its weights when it runs: every rank must run it."""
+    vlm, tokenizer = build_trainable(config)
+    vlm.train()
+    calls = []
+    vlm.vision.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    ids = torch.tensor([tokenizer.encode("hello there")])
+    vlm(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []  # by default only the projector runs
+    vlm.probe_tower = True
+    loss = vlm(input_ids=ids, labels=ids).loss
+    size = vlm.vision.image_size
+    assert calls == [(1, 3, size, size)] and torch.isfinite(loss)
 
 
 def test_multi_image_and_text_only_samples_in_one_batch(config):
