@@ -49,6 +49,14 @@ def build_model(config):
     return vlm, tokenizer
 
 
+def run_description(vlm, config) -> dict:
+    """What every checkpoint of this run says it is (model/checkpoint.py's `vlm_config.json`)."""
+    from model.checkpoint import describe
+
+    network = (config.language_model, config.vision, config.projector)
+    return describe(vlm, *network, system_prompt=config.data.system_prompt)
+
+
 def check_prompt_flags(config) -> None:
     """Tokens that would break the chat layout every sample is rendered in, refused at start."""
     from runtime.inference import CONTROL_TOKEN_TEXT, check_system_prompt
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None):
 
 def run(config, resume: str | None, rank: int = 0):
     """Builds, trains and saves into the claimed output dir; `resume` is a checked checkpoint."""
-    from model.checkpoint import describe, save_description
+    from model.checkpoint import save_description
     from model.config import resolve_dtype
     from runtime.config import save_config
     from runtime.data import build_datasets
@@ -93,13 +101,7 @@ def run(config, resume: str | None, rank: int = 0):
 
     vlm, tokenizer = build_model(config)
     vlm.probe_tower = needs_tower_probe(config.training.deepspeed, config.data.feature_cache)
-    description = describe(
-        vlm,
-        config.language_model,
-        config.vision,
-        config.projector,
-        system_prompt=config.data.system_prompt,
-    )
+    description = run_description(vlm, config)
     out = Path(config.training.output_dir)
     if rank == 0:  # a run that dies early still says what it was
         save_config(config, out / TRAIN_CONFIG)

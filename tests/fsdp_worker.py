@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from model.checkpoint import describe, save_trainable
+from model.checkpoint import save_trainable
 from runtime.config import load_config
 from runtime.data import build_datasets
 from runtime.engines import fsdp_settings, gathered_trainable_state
@@ -63,13 +63,7 @@ def main() -> None:
         "output_dir": args.out, "seed": 7,
     })  # fmt: skip
     vlm, tokenizer = train.build_model(config)
-    description = describe(
-        vlm,
-        config.language_model,
-        config.vision,
-        config.projector,
-        system_prompt=config.data.system_prompt,
-    )
+    description = train.run_description(vlm, config)
     if args.resume:
         load_trainable_state(vlm, args.resume)  # before sharding, as runtime/trainer.py does
     dataset, _, collator = build_datasets(config.data, vlm, tokenizer)
