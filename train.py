@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None):
     check_prompt_flags(config)
     from runtime.engines import check_engine_device
 
-    check_engine_device(config.training.deepspeed, config.training.fsdp)
+    check_engine_device(config.training.fsdp)
     from runtime.resume import check_resume
     from runtime.run_dir import claim_output_dir
 
@@ -128,6 +128,16 @@ def run(config, resume: str | None, rank: int = 0):
     return trainer
 
 
+def end_process_group() -> None:
+    """Closes the distributed process group the Trainer opened, if any. Left to interpreter exit,
+    its communication threads can still be running when the process is torn down, and the process
+    then aborts ("terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     rank = int(os.environ.get("RANK", "0"))  # log from the first process only
     logging.basicConfig(
@@ -139,3 +149,5 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as error:  # user mistakes: one clear line, no traceback
         logger.error("%s", error)
         sys.exit(2)
+    finally:
+        end_process_group()

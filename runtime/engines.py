@@ -61,26 +61,13 @@ def check_engines(deepspeed: str | None, fsdp: str | None, *, bits: int | None) 
         _check_fsdp(fsdp, bits)
 
 
-def check_engine_device(deepspeed: str | None, fsdp: str | None) -> None:
-    """Engine settings that need GPUs, refused on a machine without one. FSDP: accelerate 1.15
-    makes CPU processes MULTI_CPU and then ignores the FSDP plugin, so the run would silently be
-    plain DDP. DeepSpeed offload moves GPU memory to the CPU; on CPU processes there is nothing to
-    move (and DeepSpeed 0.19.8's CPU accelerator aborts at exit after an offloaded run)."""
-    if torch.cuda.is_available():
-        return
-    if fsdp is not None:
+def check_engine_device(fsdp: str | None) -> None:
+    """FSDP through the Trainer needs GPUs: accelerate 1.15 makes CPU processes MULTI_CPU and then
+    ignores the FSDP plugin, so a CPU run would silently be plain DDP."""
+    if fsdp is not None and not torch.cuda.is_available():
         raise ValueError(
             f"--fsdp {fsdp}: FSDP needs GPUs (on CPU processes accelerate runs plain DDP and "
             "ignores FSDP); on CPU use --deepspeed configs/deepspeed/zero3.json, or no engine"
-        )
-    zero = (
-        read_engine_file("--deepspeed", deepspeed).get("zero_optimization", {}) if deepspeed else {}
-    )
-    offloaded = [key for key in OFFLOAD_KEYS if zero.get(key, {}).get("device", "none") != "none"]
-    if offloaded:
-        raise ValueError(
-            f"--deepspeed {deepspeed}: zero_optimization.{offloaded[0]} offloads GPU memory to the "
-            "CPU and needs GPUs; on CPU remove it"
         )
 
 
