@@ -111,7 +111,8 @@ def draw_boxes(args, name: str | None, image, reply: str) -> None:
 def run_evaluation(args, session) -> dict:
     """Answer every record's last user turn (the earlier turns as history), score exact match.
     Answers are written to `--output_file` as they come, so an interrupted run keeps them."""
-    from dataprocess.schema import confined_image_path, iter_raw_records, parse_record
+    from dataprocess.reading import iter_raw_records
+    from dataprocess.schema import confined_image_path, parse_record
     from runtime.inference import exact_match
     from visual import ImageLoadError
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from bench.long_records import WORDS
 
 NUM_IMAGES = 300
+# Through the package's public name, which older trees (--repo) export too; the module moved.
 READ_ONLY = (
-    "import sys; from dataprocess.schema import iter_raw_records; "
+    "import sys; from dataprocess import iter_raw_records; "
     "print(sum(1 for _ in iter_raw_records(sys.argv[1])))"
 )
 # Runs argv[2:] (output to the file argv[1], "-" for none) and reports its wall time and peak

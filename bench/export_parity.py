@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dataprocess.schema import confined_image_path, iter_raw_records, parse_record
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import confined_image_path, parse_record
 from runtime.export import export_checkpoint
 from runtime.inference import GenerationSettings, InferenceSession, exact_match
 

@@ -288,7 +288,8 @@ def _run_features(args: argparse.Namespace) -> int:
 
 def _run_boxes(args: argparse.Namespace) -> int:
     from dataprocess.boxes import draw_record_boxes
-    from dataprocess.schema import iter_raw_records, parse_record
+    from dataprocess.reading import iter_raw_records
+    from dataprocess.schema import parse_record
 
     for index, raw in iter_raw_records(args.data):
         if str(raw.get("id")) == args.id:

@@ -28,7 +28,8 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dataprocess.schema import RecordError, confined_image_path, iter_raw_records, parse_record
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import RecordError, confined_image_path, parse_record
 
 log = logging.getLogger(__name__)
 Color = tuple[int, int, int]

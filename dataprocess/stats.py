@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataprocess.schema import Record, RecordError, iter_raw_records, parse_record
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import Record, RecordError, parse_record
 
 log = logging.getLogger(__name__)
 CANDIDATE_LENGTHS = (512, 1024, 2048, 4096, 8192)

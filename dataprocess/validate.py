@@ -27,14 +27,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataprocess.reading import iter_raw_records
 from dataprocess.report import Tally
-from dataprocess.schema import (
-    Record,
-    RecordError,
-    confined_image_path,
-    iter_raw_records,
-    parse_record,
-)
+from dataprocess.schema import Record, RecordError, confined_image_path, parse_record
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from dataprocess.boxes import (
 )
 from dataprocess.build import build
 from dataprocess.config import ConfigError, load_config
-from dataprocess.schema import Record, Turn, iter_raw_records
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import Record, Turn
 from dataprocess.validate import text_problems
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import pytest
 from dataprocess.__main__ import main
 from dataprocess.build import build, sample_records
 from dataprocess.config import ConfigError, SourceConfig, load_config
-from dataprocess.schema import Record, Turn, iter_raw_records, parse_record
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import Record, Turn, parse_record
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG = ROOT / "dataprocess" / "config.yaml"

@@ -1,4 +1,5 @@
-"""Tests for dataprocess.schema: parsing, every fault kind, file reading and the round trip."""
+"""Tests for dataprocess.schema and dataprocess.reading: parsing, every fault kind, file reading
+and the round trip."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from dataprocess.reading import iter_raw_records
 from dataprocess.schema import (
     IMAGE_MARKER,
     Record,
     RecordError,
     Turn,
-    iter_raw_records,
     parse_record,
     record_to_json,
 )
@@ -244,6 +245,9 @@ def test_missing_file_is_a_record_error(tmp_path: Path) -> None:
 
 
 def test_import_does_not_pull_torch() -> None:
-    code = "import dataprocess, dataprocess.schema, sys; assert 'torch' not in sys.modules"
+    code = (
+        "import dataprocess, dataprocess.schema, dataprocess.reading, sys; "
+        "assert 'torch' not in sys.modules"
+    )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

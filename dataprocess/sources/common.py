@@ -11,8 +11,9 @@ from typing import Any
 
 from dataprocess.boxes import convert_box_text
 from dataprocess.config import SourceConfig
+from dataprocess.reading import iter_raw_records
 from dataprocess.report import Tally
-from dataprocess.schema import ROLE_ALIASES, Record, RecordError, Turn, iter_raw_records
+from dataprocess.schema import ROLE_ALIASES, Record, RecordError, Turn
 
 
 def iter_file(path: Path, tally: Tally) -> Iterator[tuple[int, dict]]:

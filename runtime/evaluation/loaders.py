@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dataprocess.schema import confined_image_path, iter_raw_records, parse_record
+from dataprocess.reading import iter_raw_records
+from dataprocess.schema import confined_image_path, parse_record
 from runtime.evaluation.questions import (
     LETTERS,
     Question,
