@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_runs import flags, write_mixed_data
+from test_training_runs import final_weights, flags, losses_of, write_mixed_data
 
 import train
 from model.checkpoint import LLM_DIR
@@ -166,21 +166,8 @@ def run_two_processes(script: str, args: list[str], command: list[str] = TORCHRU
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def trained_weights(out: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(out / "projector.safetensors")
-    adapter = out / "adapter" / "adapter_model.safetensors"
-    if adapter.is_file():
-        weights.update(load_file(adapter))
-    return weights
-
-
-def losses_at(checkpoint: Path) -> list[float]:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
 def assert_same_weights(expected: Path, got: Path) -> None:
-    want, have = trained_weights(expected), trained_weights(got)
+    want, have = final_weights(expected), final_weights(got)
     assert want.keys() == have.keys() and want
     # fp32 sums in another order: round-off, which Adam magnifies where a gradient is near 0 (its
     # step is lr * m / sqrt(v), about lr whatever the gradient's size); lr is 1e-2 here. So: no
@@ -219,7 +206,7 @@ def test_deepspeed_two_processes_match_one(config, mode, engine_flags, single_ru
         "train.py",
         engine_flags(out, per_device_train_batch_size=1, train_mode=mode, deepspeed=config),
     )
-    expected, got = losses_at(single_runs[mode] / "checkpoint-3"), losses_at(out / "checkpoint-3")
+    expected, got = losses_of(single_runs[mode], 3), losses_of(out, 3)
     assert len(set(expected)) > 1  # not a constant: the weights or the batches changed
     assert got == pytest.approx(expected, rel=1e-5)
     assert_same_weights(single_runs[mode], out)
@@ -227,7 +214,7 @@ def test_deepspeed_two_processes_match_one(config, mode, engine_flags, single_ru
     assert (out / "checkpoint-3" / "rng_state_1.pth").is_file() and step.is_dir()  # two ranks
     # the engine's files hold no frozen weight: a few times the trainable ones at most
     engine_bytes = sum(p.stat().st_size for p in step.iterdir())
-    trainable_bytes = sum(t.numel() * 4 for t in trained_weights(out).values())
+    trainable_bytes = sum(t.numel() * 4 for t in final_weights(out).values())
     assert engine_bytes < 20 * trainable_bytes + 200_000, (engine_bytes, trainable_bytes)
 
 
@@ -245,7 +232,7 @@ def test_deepspeed_resumes_exactly_and_its_checkpoint_merges(config, engine_flag
     run_two_processes(
         "train.py", engine_flags(resumed, resume_from_checkpoint="latest", **settings)
     )
-    assert losses_at(resumed / "checkpoint-4") == losses_at(whole / "checkpoint-4")
+    assert losses_of(resumed, 4) == losses_of(whole, 4)
     assert_same_weights(whole, resumed)
     with pytest.raises(ValueError, match="--deepspeed is None here"):  # same engine, or refused
         without = {k: v for k, v in settings.items() if k != "deepspeed"}
@@ -287,8 +274,8 @@ def test_fsdp_two_processes_match_one_and_resume_before_sharding(
     run_two_processes("tests/fsdp_worker.py", [*common, *again, "--out", str(tmp_path / "two_b")])
     assert_same_weights(tmp_path / "one_b", tmp_path / "two_b")
     assert not torch.equal(  # the resumed runs started from the checkpoint and moved on
-        trained_weights(two)["linear_1.weight"],
-        trained_weights(tmp_path / "two_b")["linear_1.weight"],
+        final_weights(two)["linear_1.weight"],
+        final_weights(tmp_path / "two_b")["linear_1.weight"],
     )
     assert_merges(two, tmp_path / "merged")
 
@@ -316,5 +303,5 @@ def test_multi_node_launch_commands_run_on_one_node(launcher, engine_flags, sing
         "train.py", engine_flags(out, per_device_train_batch_size=1, deepspeed=ZERO2), command
     )
     single = single_runs["projector+lora"]
-    assert losses_at(out / "checkpoint-3") == pytest.approx(losses_at(single / "checkpoint-3"))
+    assert losses_of(out, 3) == pytest.approx(losses_of(single, 3))
     assert (out / "checkpoint-3" / "rng_state_1.pth").is_file()

@@ -103,8 +103,11 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_s
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The projector's weights, and the adapter's where the run trained one."""
     weights = load_file(out / "projector.safetensors")
-    weights.update(load_file(out / "adapter" / "adapter_model.safetensors"))
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        weights.update(load_file(adapter))
     return weights
 
 
