@@ -263,6 +263,11 @@ class InferenceSession:
             attention_mask[row, width - len(prompt) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
+    def reply_text(self, new_ids: Sequence[int], stops: set[int] | None = None) -> str:
+        """The reply that generated ids make, decoded as `answer` decodes it (up to the first
+        stop id); `stops` may pass `chat_stop_token_ids` computed once."""
+        return self._decode(list(new_ids), stops or set(chat_stop_token_ids(self.tokenizer)))
+
     def _decode(self, ids: list[int], stops: set[int]) -> str:
         """Text up to the first stop id: a finished row is filled with padding after it."""
         end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
