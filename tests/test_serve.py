@@ -9,108 +9,41 @@ still serving after each) are in tests/test_serve_errors.py.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import importlib.util
-import io
-import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
-from model.builder import build_vlm
-from model.checkpoint import describe, save_trainable
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
-from model.trainable import configure_trainable
 from runtime.inference import GenerationSettings, InferenceSession
 
 openai = pytest.importorskip("openai", reason="openai is not installed (requirements.txt)")
-uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (requirements-web.txt)")
-from runtime.serve.app import build_app  # noqa: E402 - needs fastapi
-from runtime.serve.config import ServeConfig  # noqa: E402
-from runtime.serve.scheduler import BatchScheduler  # noqa: E402
+pytest.importorskip("uvicorn", reason="uvicorn is not installed (requirements-web.txt)")
+from serve_helpers import (  # noqa: E402
+    KEY,
+    MAX_NEW_TOKENS,
+    answer_of_test_py,
+    client_for,
+    held_out,
+    image_part,
+    question,
+    save_checkpoint,
+    serving,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-MAX_NEW_TOKENS = 8
-KEY = "test-key"
+from runtime.serve.config import ServeConfig  # noqa: E402 - needs fastapi
+
 pytestmark = pytest.mark.slow  # a model and a server per module
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir) -> Path:
-    """A tiny random checkpoint, built as tests/test_web_browser.py builds one."""
-    language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
-    vision = VisionConfig(vision_model=str(tiny_clip_dir))
-    torch.manual_seed(0)
-    vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
-    configure_trainable(vlm, LoraSettings(lora_rank=4))
-    description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="s")
-    out = tmp_path_factory.mktemp("serve-ckpt")
-    save_trainable(vlm, tokenizer, out, description)
-    return out
+    return save_checkpoint(tmp_path_factory.mktemp("serve-ckpt"), tiny_qwen_dir, tiny_clip_dir)
 
 
 @pytest.fixture(scope="module")
 def session(checkpoint) -> InferenceSession:
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     return InferenceSession.from_checkpoint(checkpoint, dtype="float32", settings=settings)
-
-
-def held_out(shapes_dir: Path, index: int) -> tuple[Path, str]:
-    """A test-split image and its first question (without the <image> marker)."""
-    record = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))[index]
-    return shapes_dir / record["image"], record["conversations"][0]["value"].split("\n", 1)[1]
-
-
-def answer_of_test_py(checkpoint: Path, image: Path, text: str) -> str:
-    """What `python test.py --image_path IMAGE --prompt TEXT` prints as the answer."""
-    spec = importlib.util.spec_from_file_location("prompt_test", REPO / "test.py")
-    prompt_test = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prompt_test)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        prompt_test.main(["--model_weights", str(checkpoint), "--dtype", "float32",
-                          "--image_path", str(image), "--prompt", text,
-                          "--max_new_tokens", str(MAX_NEW_TOKENS)])  # fmt: skip
-    return out.getvalue().rstrip("\n").split("\t", 1)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(session, config: ServeConfig, scheduler: BatchScheduler | None = None):
-    """The app on a free loopback port in a thread; yields (base url, scheduler)."""
-    scheduler = scheduler or BatchScheduler(
-        session, max_batch_size=config.max_batch_size, batch_window_s=config.batch_window_s,
-        queue_size=config.queue_size,
-    )  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(session, config, scheduler),
-                                           host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    start = time.monotonic()
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() - start < 30, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", scheduler
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def client_for(url: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +59,8 @@ def client(server) -> openai.OpenAI:
     return client_for(server[0])
 
 
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def image_part(path: Path) -> dict:
-    return {"type": "image_url", "image_url": {"url": data_url(path)}}
-
-
 def ask(client, messages: list[dict], **kwargs):
     return client.chat.completions.create(model="tiny", messages=messages, **kwargs)
-
-
-def question(image: Path, text: str) -> list[dict]:
-    return [{"role": "user", "content": [image_part(image), {"type": "text", "text": text}]}]
 
 
 def test_answers_equal_test_py(client, checkpoint, shapes_dir):
@@ -238,3 +159,12 @@ def test_models_and_health(client, server):
     import httpx
 
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"  # no key needed
+
+
+@pytest.mark.parametrize("url", ["/etc/hostname", "file:///etc/hostname", "../outside.png"])
+def test_local_files_outside_the_allowed_folder_are_refused(client, shapes_dir, url):
+    part = {"type": "image_url", "image_url": {"url": url}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}])
+    assert "--allowed_local_media_path" in caught.value.body["message"]
+    assert caught.value.body["param"] == "messages[0].content[0].image_url.url"
