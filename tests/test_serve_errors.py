@@ -248,3 +248,20 @@ def test_a_failed_batch_is_retried_one_request_at_a_time(session):
     assert outcomes["fine"][-1][1].text == session.answer(
         ["user"], ["fine"], [], GenerationSettings(max_new_tokens=2)
     )
+
+
+def test_a_lone_client_waits_for_no_one_after_its_first_request(session):
+    """The collection window is spent only while more requests were recently in the server."""
+    scheduler = BatchScheduler(session, max_batch_size=8, batch_window_s=2.0).start()
+    try:
+        for first in (True, False, False):
+            done = threading.Event()
+            start = time.monotonic()
+            scheduler.submit(Job(["user"], ["Hi"], [], None, GenerationSettings(max_new_tokens=1),
+                                 prompt_tokens=1, deadline=start + 30,
+                                 notify=lambda kind, value, done=done: done.set()))  # fmt: skip
+            assert done.wait(30)
+            waited = time.monotonic() - start
+            assert waited >= 2.0 if first else waited < 1.0  # cold: it may have had company
+    finally:
+        scheduler.close()

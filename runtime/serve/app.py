@@ -79,7 +79,8 @@ def build_app(session: InferenceSession, config: ServeConfig, scheduler: BatchSc
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": scheduler.waiting}
+        batches = dict(sorted(scheduler.batch_sizes.items()))  # size -> batches answered
+        return {"status": "ok", "waiting": scheduler.waiting, "batch_sizes": batches}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -1,8 +1,8 @@
 """The batching scheduler: requests that arrive together are answered by one left-padded
 `InferenceSession.answer_batch` call, on one worker thread that owns the model.
 
-A lone request waits at most the collection window (`--batch_window_ms`) for others to join it;
-requests that queued while the model was busy join the next batch at once. A batch holds up to
+A batch waits at most the collection window (`--batch_window_ms`) for others to join it (see
+`_next_batch`: only while more requests than are waiting were recently in the server). A batch holds up to
 `--max_batch_size` requests with the same decoding settings (greedy requests with different
 `max_tokens` share a batch: each row stops at its own limit, and greedy rows do not depend on
 each other, so every answer equals the one-at-a-time answer). A seeded sampling request runs
@@ -90,6 +90,8 @@ class BatchScheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
+        self._running = 0  # jobs in the batch being generated
+        self._peak = max_batch_size  # most jobs held at once since the last batch began
         self._stops = set(chat_stop_token_ids(session.tokenizer))
         self._thread = threading.Thread(target=self._work, name="serve-batches", daemon=True)
 
@@ -114,24 +116,34 @@ class BatchScheduler:
                 raise ApiError(503, f"the server is busy: {self.queue_size} requests are waiting "
                                "(--queue_size); retry later", code="queue_full")  # fmt: skip
             self._waiting.append(job)
+            self._peak = max(self._peak, self._running + len(self._waiting))
             self._condition.notify()
 
     def _next_batch(self) -> list[Job] | None:
-        """The oldest job and the waiting jobs that may share its batch, after the window."""
+        """The oldest job and the waiting jobs that may share its batch.
+
+        It waits, at most the collection window from when the worker is free (or the job
+        arrived), for as many jobs as the server held at once during the last batch: clients
+        whose answers just went out are about to ask again, and waiting for them keeps one full
+        batch instead of two half ones taking turns. A lone client never waits.
+        """
         with self._condition:
+            self._running = 0
+            free = time.monotonic()
             while not self._waiting and not self._closed:
                 self._condition.wait()
             if self._closed:
                 return None
-            until = self._waiting[0].arrived + self.batch_window_s
-            while (
-                len(self._waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0
-            ):
+            until = max(free, self._waiting[0].arrived) + self.batch_window_s
+            target = min(self.max_batch_size, self._peak)
+            while len(self._waiting) < target and (left := until - time.monotonic()) > 0:
                 self._condition.wait(left)
             key = self._waiting[0].key()
             batch = [job for job in self._waiting if job.key() == key][: self.max_batch_size]
             for job in batch:
                 self._waiting.remove(job)
+            self._running = len(batch)
+            self._peak = self._running + len(self._waiting)
         live = [job for job in batch if not job.expired()]
         for job in batch:
             if job.expired():
