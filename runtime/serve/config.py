@@ -25,7 +25,7 @@ class ServeConfig:
     queue_size: int = 64  # requests waiting for the model; more get 503
     request_timeout_s: float = 120.0  # from arrival to the last token
     max_batch_size: int = 8  # requests answered by one generate; 1 turns batching off
-    batch_window_s: float = 0.025  # the longest a batch waits for more requests to join it
+    batch_window_s: float = 0.05  # the longest a batch waits for more requests to join it
 
     def __post_init__(self) -> None:
         positive = {
