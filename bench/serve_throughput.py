@@ -134,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="timed requests per run")
     parser.add_argument("--max_tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per setting")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--server_flags", nargs=argparse.REMAINDER, default=[],
                         help="the rest: flags for both servers (e.g. --batch_window_ms 20)")  # fmt: skip
     return parser.parse_args(argv)
@@ -144,28 +145,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not Path(args.model_weights).is_dir():
         raise SystemExit(f"--model_weights {args.model_weights}: not found (sh train.sh builds it)")
     asks = questions(Path(args.shapes), args.requests)
-    runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for c in args.clients for m in MODES}
+    modes = {mode: MODES[mode] for mode in args.modes}
+    runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for c in args.clients for m in modes}
     with ExitStack() as stack:  # both servers up; the rounds alternate which goes first
         urls = {mode: stack.enter_context(server(args.model_weights, flags + args.server_flags))
-                for mode, flags in MODES.items()}  # fmt: skip
+                for mode, flags in modes.items()}  # fmt: skip
         for round_index in range(args.rounds):
             for clients in args.clients:
-                for mode in list(MODES)[:: 1 if round_index % 2 else -1]:
+                for mode in list(modes)[:: 1 if round_index % 2 else -1]:
                     run = run_clients(urls[mode], asks, clients, args.max_tokens)
                     runs[mode, clients].append(run)
                     print(f"round {round_index}: {mode}, {clients} clients: "
                           f"{run['requests_per_s']:.2f} requests/s", flush=True)  # fmt: skip
-        batch_sizes = httpx.get(f"{urls['batching']}/health").json()["batch_sizes"]
-    reference = runs["no batching", min(args.clients)][0]["answers"]
+        batch_sizes = httpx.get(f"{urls[args.modes[0]]}/health").json()["batch_sizes"]
+    reference = runs[args.modes[-1], min(args.clients)][0]["answers"]
     rows = [summary(mode, clients, found, reference) for (mode, clients), found in runs.items()]
     print(markdown_table(rows), end="")
-    for clients in args.clients:
+    for clients in args.clients if len(modes) == 2 else []:
         ratios = [b["requests_per_s"] / n["requests_per_s"]
                   for b, n in zip(runs["batching", clients], runs["no batching", clients], strict=True)]  # fmt: skip
         print(f"{clients} clients: batching / no batching = {statistics.median(ratios):.2f}x "
               f"requests/s (median of {len(ratios)} paired rounds: "
               f"{', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
-    print(f"batch sizes of the batching server (size: batches, warm-ups included): {batch_sizes}")
+    print(f"batch sizes of the {args.modes[0]} server (size: batches, warm-ups included): "
+          f"{batch_sizes}")  # fmt: skip
     return rows
 
 

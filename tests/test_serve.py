@@ -168,3 +168,15 @@ def test_local_files_outside_the_allowed_folder_are_refused(client, shapes_dir, 
         ask(client, [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}])
     assert "--allowed_local_media_path" in caught.value.body["message"]
     assert caught.value.body["param"] == "messages[0].content[0].image_url.url"
+
+
+def test_the_throughput_benchmark_runs_the_command_line_server(checkpoint, shapes_dir):
+    """`python -m runtime.serve` in its own process, as the benchmark starts it."""
+    from bench import serve_throughput
+
+    rows = serve_throughput.main(["--model_weights", str(checkpoint), "--shapes", str(shapes_dir),
+                                  "--clients", "1", "2", "--requests", "4", "--rounds", "1",
+                                  "--max_tokens", "2", "--modes", "batching",
+                                  "--server_flags", "--dtype", "float32"])  # fmt: skip
+    assert [(row["mode"], row["clients"]) for row in rows] == [("batching", 1), ("batching", 2)]
+    assert all(row["same_answers"] and row["requests_per_s"] > 0 for row in rows)
