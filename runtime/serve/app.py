@@ -62,20 +62,7 @@ def build_app(session: InferenceSession, config: ServeConfig, scheduler: BatchSc
     app = FastAPI(title="Qwen VLM API", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, error: HTTPException):  # unknown routes, wrong methods
-        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(),
-                            status_code=error.status_code)  # fmt: skip
-
-    @app.exception_handler(Exception)
-    async def server_error(_request, error: Exception):
-        logger.exception("request failed")
-        body = ApiError(500, f"internal error: {type(error).__name__}").body()
-        return JSONResponse(body, status_code=500)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -97,27 +84,52 @@ def build_app(session: InferenceSession, config: ServeConfig, scheduler: BatchSc
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request, config)
-        body = await read_json(request, config.max_request_bytes)
-        chat = parse_chat_request(body, config, session.settings)
-        mailbox = Mailbox()
-        job = await run_in_threadpool(prepare_job, session, chat, config, mailbox.notify)
-        scheduler.submit(job)
-        answer_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if chat.stream:
-            events = stream_events(mailbox, job, chat, answer_id, created)
-            return StreamingResponse(events, media_type="text/event-stream")
-        try:
-            while True:
-                kind, value = await mailbox.next(job)
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    return completion_body(value, chat.model, answer_id, created)
-        finally:
-            job.cancelled.set()  # a client that left, a timeout: the worker skips its row
+        return await answer_chat(request, session, config, scheduler)
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, Starlette's (unknown routes, wrong methods), and any
+    other exception as a 500 that names only its type."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, error: HTTPException):
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(),
+                            status_code=error.status_code)  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, error: Exception):
+        logger.exception("request failed")
+        body = ApiError(500, f"internal error: {type(error).__name__}").body()
+        return JSONResponse(body, status_code=500)
+
+
+async def answer_chat(request: Request, session, config: ServeConfig, scheduler: BatchScheduler):
+    """`POST /v1/chat/completions`: checked, queued, answered as JSON or as events."""
+    check_key(request, config)
+    body = await read_json(request, config.max_request_bytes)
+    chat = parse_chat_request(body, config, session.settings)
+    mailbox = Mailbox()
+    job = await run_in_threadpool(prepare_job, session, chat, config, mailbox.notify)
+    scheduler.submit(job)
+    answer_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if chat.stream:
+        events = stream_events(mailbox, job, chat, answer_id, created)
+        return StreamingResponse(events, media_type="text/event-stream")
+    try:
+        while True:
+            kind, value = await mailbox.next(job)
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return completion_body(value, chat.model, answer_id, created)
+    finally:
+        job.cancelled.set()  # a client that left, a timeout: the worker skips its row
 
 
 def check_key(request: Request, config: ServeConfig) -> None:
