@@ -3,7 +3,9 @@
 Both formats are streamed, so memory does not grow with the file: JSON lines are read line by
 line, a JSON list is parsed by ijson one record at a time after one checking pass that builds no
 objects (a broken list is refused before any of its records is used). A leading UTF-8 BOM is
-skipped. Every fault is a :class:`~dataprocess.schema.RecordError` naming the file and where:
+skipped in both formats. A record nested deeper than ``MAX_DEPTH`` levels (the record object is
+level 1) is refused before anything builds it, in time and memory linear in its size: parsing it
+would exhaust the stack (``json``) or memory (ijson's prefixes grow with the depth, so quadratically). Every fault is a :class:`~dataprocess.schema.RecordError` naming the file and where:
 the line of a JSONL record, the line, column and byte offset of a JSON list's fault. Checking a
 raw dict against the schema is :func:`dataprocess.schema.parse_record`'s job.
 """
@@ -12,15 +14,23 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ijson
+import numpy as np
 
 from dataprocess.schema import RecordError
 
 _CHUNK = 1 << 16  # bytes per read of a record file
+# Deepest nesting a record may have (the record object is level 1). Real records need about 5;
+# the limit keeps every recursive step after reading (json, copies, hashing) far from the stack's.
+MAX_DEPTH = 100
+_BOM = b"\xef\xbb\xbf"
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes included
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 
 # Receives the error of one unreadable record slot (see iter_raw_records).
 OnError = Callable[[RecordError], None]
@@ -39,8 +49,30 @@ def _decode(data: bytes, source: str, line: int | None = None, index: int | None
         ) from None
 
 
+def _nesting(text: bytes) -> int:
+    """How deep the brackets of one JSON text nest (those inside strings do not count)."""
+    openers = text.count(b"[") + text.count(b"{")
+    if openers <= MAX_DEPTH:
+        return openers  # cannot nest deeper than it opens; the common case costs two counts
+    code = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
+    step = np.isin(code, _OPEN).astype(np.int64) - np.isin(code, _CLOSE)  # [bytes]
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _too_deep(where: str, source: str, index: int | None) -> RecordError:
+    return RecordError(
+        f"{where}nested deeper than {MAX_DEPTH} levels (the limit of "
+        "dataprocess.reading.MAX_DEPTH); refused unread",
+        kind="too_deep",
+        source=source,
+        index=index,
+    )
+
+
 def _parse_line(line: bytes, line_number: int, source: str, index: int) -> dict:
     """One JSONL line as a dict, or a RecordError naming the line (the caller decides)."""
+    if _nesting(line) > MAX_DEPTH:
+        raise _too_deep(f"line {line_number}: ", source, index)
     text = _decode(line, source, line_number, index).strip()
     try:
         raw = json.loads(text)
@@ -65,6 +97,8 @@ def _iter_jsonl(path: Path, source: str, on_error: OnError | None) -> Iterator[t
     index = 0
     with path.open("rb") as lines:  # line by line: memory does not grow with the file
         for line_number, line in enumerate(lines, start=1):
+            if line_number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]  # as in a JSON list: editors on Windows write one
             if not line.strip():
                 continue  # blank lines (a trailing newline, for example) carry no record
             try:
@@ -108,7 +142,7 @@ class _Reader:
 
 
 def _skip_bom(file: Any) -> None:
-    if file.read(3) != b"\xef\xbb\xbf":
+    if file.read(len(_BOM)) != _BOM:
         file.seek(0)
 
 
@@ -188,8 +222,8 @@ _TOP_TYPES = {
 def _top_type(path: Path, source: str) -> str:
     """The type name of a JSON document's top-level value, after checking the whole document.
 
-    One pass of the C parser that builds no objects: a JSON list that breaks anywhere is refused
-    before any of its records is yielded, as when the file was parsed whole.
+    One pass of the C parser that builds no objects: a JSON list that breaks anywhere, or holds
+    a record nested deeper than MAX_DEPTH, is refused before any of its records is yielded.
     """
     with path.open("rb") as file:
         _skip_bom(file)
@@ -197,13 +231,31 @@ def _top_type(path: Path, source: str) -> str:
         try:
             events = ijson.basic_parse(reader, buf_size=_CHUNK, use_float=True)
             event, value = next(events)
-            for _ in events:
-                pass
+            _check_depth(event, events, source)
         except ijson.JSONError as exc:
             raise _json_fault(path, source, exc, reader.chunk_start) from None
     if event == "number":
         return type(value).__name__
     return _TOP_TYPES.get(event, event)
+
+
+def _check_depth(first: str, events: Iterator[tuple[str, Any]], source: str) -> None:
+    """Consume the parse events after ``first``; refuse the first item nested too deep."""
+    depth = 1 if first in _OPENING else 0
+    index = -1  # of the top-level item the events are in
+    for event, _ in events:
+        if depth == 1 and event not in _CLOSING:
+            index += 1  # a new item of the top-level list (or map) starts
+        if event in _OPENING:
+            depth += 1
+            if depth > MAX_DEPTH + 1:  # + 1: the list holding the records
+                raise _too_deep("", source, index)
+        elif event in _CLOSING:
+            depth -= 1
+
+
+_OPENING = frozenset({"start_map", "start_array"})
+_CLOSING = frozenset({"end_map", "end_array"})
 
 
 def _iter_json_list(
