@@ -31,7 +31,14 @@ _ORIENTATION = 0x0112  # EXIF tag
 
 
 class ImageLoadError(ValueError):
-    """An image file is missing, corrupt, or not an image; the message names the file."""
+    """An image file is missing, corrupt, or not an image; the message names the file.
+
+    `image` is the path as the records spell it, where the caller knows it (to name the record).
+    """
+
+    def __init__(self, message: str, image: str | None = None) -> None:
+        super().__init__(message)
+        self.image = image
 
 
 def load_image(path: str | os.PathLike[str] | bytes | Image.Image) -> Image.Image:
