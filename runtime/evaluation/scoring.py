@@ -157,3 +157,17 @@ def score(benchmark: str, questions: list[Question], answers: dict[str, str]) ->
         "unparsed": result.pop("unparsed", 0),
     }
     return result
+
+
+def check_answer_ids(questions: list[Question], answers: dict[str, str], source: str) -> None:
+    """Refuse an answers file none of whose ids is a question's id (another benchmark, or ids
+    spelled another way): scoring it would report 0.00 as if the model answered all wrong."""
+    asked = {question.question_id for question in questions}
+    if not answers:
+        raise ValueError(f"--answers {source}: holds no answers; nothing to score")
+    if not asked.intersection(answers):
+        raise ValueError(
+            f"--answers {source}: none of its {len(answers)} question ids (e.g. "
+            f"{next(iter(answers))!r}) is a question of this benchmark (e.g. "
+            f"{next(iter(asked), '')!r}); nothing to score"
+        )
