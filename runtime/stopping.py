@@ -61,7 +61,8 @@ def write_failure(error: BaseException) -> str | None:
     """Why `error` is a failed write (a full disk, a quota, a read-only or failing disk), or None
     when it is something else. torch and safetensors wrap the OS error in their own text."""
     if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
-        return os.strerror(error.errno) + (f" ({error.filename})" if error.filename else "")
+        path = error.filename2 or error.filename  # a failed copy names (source, destination)
+        return os.strerror(error.errno) + (f" ({path})" if path else "")
     text = str(error)
     return next((reason for reason in _WRITE_TEXTS if reason in text), None)
 
@@ -72,15 +73,15 @@ def explained_stops(out: Path, rank: int = 0) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        message = f"interrupted (Ctrl-C){_cleanup(out, rank)}; {_intact(out)}"
+        message = f"interrupted (Ctrl-C){_cleanup(out, rank)}; {_intact(out, 'resume with')}"
         raise TrainingStopped(message, 130) from None
     except Exception as error:
         reason = write_failure(error)
         if reason is None:
             raise
         where = _cleanup(out, rank) or f" writing into {out}"
-        message = f"could not write: {reason}{where}; {_intact(out)}"
-        raise TrainingStopped(message + " (free some space first)", 1) from error
+        intact = _intact(out, "free some space, then resume with")
+        raise TrainingStopped(f"could not write: {reason}{where}; {intact}", 1) from error
 
 
 def _cleanup(out: Path, rank: int) -> str:
@@ -104,9 +105,9 @@ def _cleanup(out: Path, rank: int) -> str:
     return f" while saving {what} (its partial files are deleted)"
 
 
-def _intact(out: Path) -> str:
+def _intact(out: Path, how: str) -> str:
     steps = [int(m[1]) for p in out.glob("checkpoint-*") if (m := _COMPLETE.match(p.name))]
     if not steps:
         return "no checkpoint had been saved yet, so there is nothing to resume"
     last = out / f"checkpoint-{max(steps)}"
-    return f"the last complete checkpoint, {last}, is intact: --resume_from_checkpoint latest"
+    return f"the last complete checkpoint, {last}, is intact: {how} --resume_from_checkpoint latest"
