@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ijson
-import numpy as np
 
+from dataprocess.nesting import NestingScanner
 from dataprocess.schema import RecordError
 
 _CHUNK = 1 << 16  # bytes per read of a record file
@@ -29,8 +28,6 @@ _CHUNK = 1 << 16  # bytes per read of a record file
 # the limit keeps every recursive step after reading (json, copies, hashing) far from the stack's.
 MAX_DEPTH = 100
 _BOM = b"\xef\xbb\xbf"
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes included
-_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 
 # Receives the error of one unreadable record slot (see iter_raw_records).
 OnError = Callable[[RecordError], None]
@@ -49,14 +46,10 @@ def _decode(data: bytes, source: str, line: int | None = None, index: int | None
         ) from None
 
 
-def _nesting(text: bytes) -> int:
-    """How deep the brackets of one JSON text nest (those inside strings do not count)."""
-    openers = text.count(b"[") + text.count(b"{")
-    if openers <= MAX_DEPTH:
-        return openers  # cannot nest deeper than it opens; the common case costs two counts
-    code = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
-    step = np.isin(code, _OPEN).astype(np.int64) - np.isin(code, _CLOSE)  # [bytes]
-    return int(np.cumsum(step).max(initial=0))
+def _too_deep_line(line: bytes) -> bool:
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False  # cannot nest deeper than it opens: the common case costs two counts
+    return NestingScanner(MAX_DEPTH).feed(line) is not None
 
 
 def _too_deep(where: str, source: str, index: int | None) -> RecordError:
@@ -71,7 +64,7 @@ def _too_deep(where: str, source: str, index: int | None) -> RecordError:
 
 def _parse_line(line: bytes, line_number: int, source: str, index: int) -> dict:
     """One JSONL line as a dict, or a RecordError naming the line (the caller decides)."""
-    if _nesting(line) > MAX_DEPTH:
+    if _too_deep_line(line):
         raise _too_deep(f"line {line_number}: ", source, index)
     text = _decode(line, source, line_number, index).strip()
     try:
@@ -119,8 +112,11 @@ class _Reader:
     chunk that held it fed byte by byte: the parser fails right after the offending byte.
     """
 
-    def __init__(self, file: Any, slow_from: int | None = None) -> None:
+    def __init__(
+        self, file: Any, slow_from: int | None = None, scanner: NestingScanner | None = None
+    ) -> None:
         self.file = file
+        self.scanner = scanner  # sees every byte before the parser does (see nesting.py)
         self.position = file.tell()  # a byte offset in the file
         self.chunk_start = self.position
         self.at_end = False
@@ -135,6 +131,8 @@ class _Reader:
             else:
                 size = min(size if size > 0 else _CHUNK, self.slow_from - self.position)
         data = self.file.read(size)
+        if self.scanner is not None and (index := self.scanner.feed(data)) is not None:
+            raise _too_deep("", getattr(self.file, "name", ""), index)
         self.chunk_start = self.position
         self.position += len(data)
         self.at_end = not data
@@ -227,35 +225,17 @@ def _top_type(path: Path, source: str) -> str:
     """
     with path.open("rb") as file:
         _skip_bom(file)
-        reader = _Reader(file)
+        reader = _Reader(file, scanner=NestingScanner(MAX_DEPTH + 1))  # + 1: the list itself
         try:
             events = ijson.basic_parse(reader, buf_size=_CHUNK, use_float=True)
             event, value = next(events)
-            _check_depth(event, events, source)
+            for _ in events:
+                pass
         except ijson.JSONError as exc:
             raise _json_fault(path, source, exc, reader.chunk_start) from None
     if event == "number":
         return type(value).__name__
     return _TOP_TYPES.get(event, event)
-
-
-def _check_depth(first: str, events: Iterator[tuple[str, Any]], source: str) -> None:
-    """Consume the parse events after ``first``; refuse the first item nested too deep."""
-    depth = 1 if first in _OPENING else 0
-    index = -1  # of the top-level item the events are in
-    for event, _ in events:
-        if depth == 1 and event not in _CLOSING:
-            index += 1  # a new item of the top-level list (or map) starts
-        if event in _OPENING:
-            depth += 1
-            if depth > MAX_DEPTH + 1:  # + 1: the list holding the records
-                raise _too_deep("", source, index)
-        elif event in _CLOSING:
-            depth -= 1
-
-
-_OPENING = frozenset({"start_map", "start_array"})
-_CLOSING = frozenset({"end_map", "end_array"})
 
 
 def _iter_json_list(

@@ -4,6 +4,7 @@ refused with the record named, in bounded memory; a UTF-8 BOM is accepted in JSO
 from __future__ import annotations
 
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dataprocess.nesting import NestingScanner
 from dataprocess.reading import MAX_DEPTH, iter_raw_records
 from dataprocess.schema import RecordError
 
@@ -92,3 +94,49 @@ def test_a_bom_is_accepted_in_json_lines_as_in_a_json_list(tmp_path):
         path = _write(tmp_path / f"bom{suffix}", [_record("a"), _record("b")])
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
         assert [raw["id"] for _, raw in iter_raw_records(path)] == ["a", "b"]
+
+
+def _random_value(rng: random.Random, depth: int):
+    """Values whose strings hold quotes, backslashes and brackets, to mislead a bracket count."""
+    pick = rng.random()
+    if depth > 10 or pick < 0.3:
+        return rng.choice(['a"b', "x\\", "[[{", '\\"]', "", '\\\\"[', "\\\\\\", '\n"[\\', 1, None])
+    if pick < 0.65:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = ["k", "[", '"q', "\\", '\\"']
+    return {
+        f"{rng.choice(keys)}{i}": _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))
+    }
+
+
+def _depth(value) -> int:
+    children = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict | list):
+        return 1 + max((_depth(child) for child in children), default=0)
+    return 0
+
+
+def test_the_scanner_agrees_with_a_parser_over_any_piece_boundaries():
+    rng = random.Random(0)
+    for _ in range(2000):
+        items = [_random_value(rng, 0) for _ in range(rng.randint(1, 4))]
+        text = json.dumps(items, indent=rng.choice([None, 1])).encode()
+        limit = rng.randint(1, 8)
+        expected = next((k for k, item in enumerate(items) if 1 + _depth(item) > limit), None)
+        scanner, found, position = NestingScanner(limit), None, 0
+        while position < len(text) and found is None:
+            size = rng.randint(1, 9)
+            found = scanner.feed(text[position : position + size])
+            position += size
+        assert found == expected, (text, limit)
+
+
+def test_training_data_too_deep_is_one_named_invalid_record(tmp_path):
+    from dataset.loading import load_records
+
+    lines = [_record("a"), _record("deep", _nested(100_000))]
+    path = _write(tmp_path / "deep.jsonl", lines)
+    with pytest.raises(ValueError, match=r"too_deep.*line 2: nested deeper than 100 levels"):
+        load_records(path, cache_dir=tmp_path / "cache")
+    dataset, tally = load_records(path, skip_invalid=True, cache_dir=tmp_path / "cache2")
+    assert len(dataset) == 1 and tally.num_invalid == 1
