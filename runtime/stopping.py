@@ -79,7 +79,7 @@ def explained_stops(out: Path, rank: int = 0) -> Iterator[None]:
         reason = write_failure(error)
         if reason is None:
             raise
-        where = _cleanup(out, rank) or f" writing into {out}"
+        where = _cleanup(out, rank)  # else the reason names the file, where the error does
         intact = _intact(out, "free some space, then resume with")
         raise TrainingStopped(f"could not write: {reason}{where}; {intact}", 1) from error
 
