@@ -97,6 +97,9 @@ def test_duplicate_question_ids_are_refused_naming_id_and_file(tmp_path):
     textvqa.write_text(json.dumps({"data": [question, question]}))
     with pytest.raises(ValueError, match=rf"{textvqa}: question id '3' occurs more than once"):
         load_textvqa(textvqa, tmp_path)
+    tsv = mmbench_tsv(tmp_path / "MMBench_DEV_EN.tsv", [mmbench_row(4), mmbench_row(4)])
+    with pytest.raises(ValueError, match=rf"{tsv}: question id '4' occurs more than once"):
+        load_mmbench(tsv)
 
 
 def test_an_answers_file_matching_no_question_exits_non_zero(tmp_path):

@@ -165,7 +165,7 @@ def load_scienceqa(data: Path, image_folder: Path | None, split: str = "test") -
                 meta=meta,
             )  # fmt: skip
         )
-    return questions
+    return refuse_duplicate_ids(questions, folder / "pid_splits.json")
 
 
 def load_textvqa(data: Path, image_folder: Path | None) -> list[Question]:

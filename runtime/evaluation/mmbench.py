@@ -18,7 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from runtime.evaluation.extraction import extract_choice
-from runtime.evaluation.questions import LETTERS, Question, choice_prompt, single_turn
+from runtime.evaluation.questions import (
+    LETTERS,
+    Question,
+    choice_prompt,
+    refuse_duplicate_ids,
+    single_turn,
+)
 
 ROTATION = 1_000_000  # index of rotation k of question i: i + k * ROTATION
 BREAKDOWN_COLUMNS = ("category", "l2-category")
@@ -65,7 +71,7 @@ def load_mmbench(data: Path, lang: str = "auto", rotate: bool = True) -> list[Qu
             if answer in options:
                 reference = LETTERS[(list(options).index(answer) - k) % len(options)]
             questions.append(_question(row, index + k * ROTATION, rotated, reference, images, lang))
-    return questions
+    return refuse_duplicate_ids(questions, data)
 
 
 def _question(row: dict, index: int, options: dict, reference, images: dict, lang: str):
