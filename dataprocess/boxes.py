@@ -260,6 +260,8 @@ def draw_record_boxes(
 ) -> list[tuple[int, Image.Image]]:
     """(image index, drawing) for each image of `record` that its boxes refer to. A box refers
     to the latest image shown up to its turn (Qwen-VL's rule); numbering runs over the record."""
+    from visual.image_io import load_image  # the pixels (EXIF orientation) training sees
+
     per_image: dict[int, list[tuple[str | None, Box]]] = {}
     shown = 0
     for turn in record.turns:
@@ -272,8 +274,6 @@ def draw_record_boxes(
     drawings, first = [], 1
     for index, found in sorted(per_image.items()):
         path = confined_image_path(image_folder, record.images[index], allow_outside=allow_outside)
-        from visual.image_io import load_image  # EXIF orientation as training sees the image
-
         drawings.append((index, draw_boxes(load_image(path), label_boxes(found, first))))
         first += len(found)
     return drawings

@@ -4,10 +4,11 @@ Both formats are streamed, so memory does not grow with the file: JSON lines are
 line, a JSON list is parsed by ijson one record at a time after one checking pass that builds no
 objects (a broken list is refused before any of its records is used). A leading UTF-8 BOM is
 skipped in both formats. A record nested deeper than ``MAX_DEPTH`` levels (the record object is
-level 1) is refused before anything builds it, in time and memory linear in its size: parsing it
-would exhaust the stack (``json``) or memory (ijson's prefixes grow with the depth, so quadratically). Every fault is a :class:`~dataprocess.schema.RecordError` naming the file and where:
-the line of a JSONL record, the line, column and byte offset of a JSON list's fault. Checking a
-raw dict against the schema is :func:`dataprocess.schema.parse_record`'s job.
+level 1) is refused before anything builds it, in time and memory linear in its size
+(:mod:`dataprocess.nesting`). Every fault is a :class:`~dataprocess.schema.RecordError` naming
+the file and where: the line of a JSONL record, the line, column and byte offset of a JSON list's
+fault (the index of a record nested too deep). Checking a raw dict against the schema is
+:func:`dataprocess.schema.parse_record`'s job.
 """
 
 from __future__ import annotations
