@@ -102,7 +102,7 @@ def test_duplicate_question_ids_are_refused_naming_id_and_file(tmp_path):
         load_mmbench(tsv)
 
 
-def test_an_answers_file_matching_no_question_exits_non_zero(tmp_path):
+def test_an_answers_file_matching_no_question_exits_non_zero(tmp_path, caplog):
     images = tmp_path / "val2014"
     write_image(images / "a.jpg")
     pope = tmp_path / "coco_pope_random.json"
@@ -123,6 +123,10 @@ def test_an_answers_file_matching_no_question_exits_non_zero(tmp_path):
     assert "Traceback" not in done.stderr
     assert f"--answers {answers}: none of its 2 question ids" in done.stderr
     assert "'random/1'" in done.stderr and not out.exists()
+    partly = _answers(tmp_path / "p.jsonl", ["random/1", "2"])
+    with caplog.at_level(logging.WARNING):
+        report = cli.main(argv[:-4] + ["--answers", str(partly), "--output_dir", str(out)])
+    assert report["counts"]["answered"] == 1 and "1 of its 2 ids match no question" in caplog.text
     with pytest.raises(ValueError, match="holds no answers"):
         cli.main(argv[:-4] + ["--answers", str(_answers(tmp_path / "e.jsonl", []))] + argv[-2:])
 
