@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from runtime.config import add_config_flags, flag_overrides, load_config
+from runtime.stopping import TrainingStopped, explained_stops
 
 logger = logging.getLogger("train")
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None):
     with claim_output_dir(config.training, rank) as resume:  # locked until the run ends
         if resume is not None:
             check_resume(config, resume, world_size=world_size, rank=rank)
-        return run(config, resume, rank)
+        with explained_stops(Path(config.training.output_dir), rank):  # full disk, Ctrl-C
+            return run(config, resume, rank)
 
 
 def run(config, resume: str | None, rank: int = 0):
@@ -97,6 +99,7 @@ def run(config, resume: str | None, rank: int = 0):
     from runtime.engines import needs_tower_probe
     from runtime.reporting import plot_loss_curve
     from runtime.resume import TRAIN_CONFIG
+    from runtime.stopping import save_final
     from runtime.trainer import VLMTrainer, training_arguments
 
     vlm, tokenizer = build_model(config)
@@ -119,7 +122,7 @@ def run(config, resume: str | None, rank: int = 0):
         description=description,
     )
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
+    save_final(trainer, out)
     logger.info("saved the trained weights to %s", out)
     if trainer.is_world_process_zero():
         plot = plot_loss_curve(trainer.state.log_history, out / "loss.png")
@@ -149,5 +152,8 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as error:  # user mistakes: one clear line, no traceback
         logger.error("%s", error)
         sys.exit(2)
+    except TrainingStopped as stop:  # a full disk or Ctrl-C: what failed and what is intact
+        logger.error("%s", stop)
+        sys.exit(stop.exit_code)
     finally:
         end_process_group()

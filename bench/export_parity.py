@@ -51,8 +51,9 @@ def load_records(data_path: Path, image_folder: Path, limit: int | None) -> list
 
 def answer_with_transformers(export_dir: Path, records: list[dict], dtype: str, max_new: int):
     """Answers from the exported directory, with transformers alone; returns (answers, times)."""
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from visual import load_image  # the pixels our own session sees
 
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(export_dir, backend="pil")
@@ -67,7 +68,7 @@ def answer_with_transformers(export_dir: Path, records: list[dict], dtype: str, 
             for role, content in zip(record["roles"], record["contents"], strict=True)
         ]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        images = [Image.open(path).convert("RGB") for path in record["images"]] or None
+        images = [load_image(path) for path in record["images"]] or None
         inputs = processor(images=images, text=text, return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)

@@ -128,7 +128,10 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     _flag(features, "batch_size", type=int, default=32)
     _flag(features, "dtype", default="float16", choices=("float16", "float32"), help="storage")
     _flag(features, "device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    _flag(features, "workers", type=int, default=4, help="image-decoding worker processes")
+    _flag(
+        features, "workers", type=int,
+        help="image-decoding worker processes (default: up to 4, one less than the CPU cores)",
+    )  # fmt: skip
     _flag(features, "out", type=Path, required=True, help="the cache directory to create")
     _outside_flag(features)
 
@@ -245,8 +248,8 @@ def _run_features(args: argparse.Namespace) -> int:
     import time
 
     from dataprocess.process_image import referenced_images
-    from visual import load_vision_tower
-    from visual.feature_cache import FEATURES_FILE, encode_feature_cache
+    from visual import ImageLoadError, load_vision_tower
+    from visual.feature_cache import FEATURES_FILE, default_workers, encode_feature_cache
 
     paths = [
         path
@@ -265,10 +268,17 @@ def _run_features(args: argparse.Namespace) -> int:
         **aspect,
     )
     began = time.perf_counter()
-    out = encode_feature_cache(
-        tower, paths, args.image_folder, args.out,
-        batch_size=args.batch_size, dtype=args.dtype, num_workers=args.workers,
-    )  # fmt: skip
+    workers = default_workers() if args.workers is None else args.workers
+    try:
+        out = encode_feature_cache(
+            tower, paths, args.image_folder, args.out,
+            batch_size=args.batch_size, dtype=args.dtype, num_workers=workers,
+        )  # fmt: skip
+    except ImageLoadError as error:
+        raise ValueError(
+            f"{_record_of(args.data, error.image)}: {error}; no cache was written (fix the "
+            "image, or drop the record: `python -m dataprocess validate --drop_invalid`)"
+        ) from None
     seconds = time.perf_counter() - began
     size = (out / FEATURES_FILE).stat().st_size
     images = len(set(paths))
@@ -284,6 +294,19 @@ def _run_features(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _record_of(data: list[Path], image: str | None) -> str:
+    """'record ID of FILE' for the first record that shows `image` (as the records spell it)."""
+    from dataprocess.reading import iter_raw_records
+    from dataprocess.schema import parse_record
+
+    for path in data:
+        for index, raw in iter_raw_records(path):
+            record = parse_record(raw, source=str(path), index=index)
+            if image in record.images:
+                return f"record {record.id!r} of {path}"
+    return f"an image of {', '.join(map(str, data))}"
 
 
 def _run_boxes(args: argparse.Namespace) -> int:

@@ -227,7 +227,9 @@ def draw_boxes(
 ) -> Image.Image:
     """A copy of `image` with every (label, grid box) drawn and labelled. Small images are first
     scaled up (nearest neighbour) so that the short side is at least `min_side`."""
-    picture = image.convert("RGB")
+    from visual.image_io import to_rgb  # the one decoder's rules (alpha on white, 16-bit, EXIF)
+
+    picture = to_rgb(image)
     scale = max(1.0, min_side / max(1, min(picture.size)))
     if scale > 1:
         size = (round(picture.width * scale), round(picture.height * scale))
@@ -258,6 +260,8 @@ def draw_record_boxes(
 ) -> list[tuple[int, Image.Image]]:
     """(image index, drawing) for each image of `record` that its boxes refer to. A box refers
     to the latest image shown up to its turn (Qwen-VL's rule); numbering runs over the record."""
+    from visual.image_io import load_image  # the pixels (EXIF orientation) training sees
+
     per_image: dict[int, list[tuple[str | None, Box]]] = {}
     shown = 0
     for turn in record.turns:
@@ -270,7 +274,6 @@ def draw_record_boxes(
     drawings, first = [], 1
     for index, found in sorted(per_image.items()):
         path = confined_image_path(image_folder, record.images[index], allow_outside=allow_outside)
-        with Image.open(path) as image:
-            drawings.append((index, draw_boxes(image, label_boxes(found, first))))
+        drawings.append((index, draw_boxes(load_image(path), label_boxes(found, first))))
         first += len(found)
     return drawings

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from dataprocess.reading import iter_raw_records
@@ -63,7 +63,9 @@ def expand_to_square(image: Image.Image, color: Color) -> Image.Image:
 
 def resize_image(image: Image.Image, size: int, pad_color: Color | None) -> Image.Image:
     """RGB image at the tower's input size (see the module docstring for the two modes)."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    from visual.image_io import to_rgb  # training's decoding rules: 16-bit, alpha, EXIF
+
+    image = to_rgb(image)
     if pad_color is not None:
         square = expand_to_square(image, pad_color)
         return square.resize((size, size), Image.Resampling.BICUBIC)
@@ -75,12 +77,12 @@ def resize_image(image: Image.Image, size: int, pad_color: Color | None) -> Imag
 
 def _process_one(task: tuple[str, str, str, int, Color | None]) -> tuple[str, str, str]:
     """(relative path, status "done" | "corrupt", message); runs in a worker process."""
+    from visual.image_io import load_image  # the one decoder, as training reads the original
+
     relative, source_path, target_path, size, pad_color = task
     source, target = Path(source_path), Path(target_path)
     try:
-        with Image.open(source) as image:
-            image.load()
-            resized = resize_image(image, size, pad_color)
+        resized = resize_image(load_image(source), size, pad_color)
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "skip it"
         return relative, "corrupt", f"{source}: {type(exc).__name__}: {exc}"
     target.parent.mkdir(parents=True, exist_ok=True)

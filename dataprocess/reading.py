@@ -3,9 +3,12 @@
 Both formats are streamed, so memory does not grow with the file: JSON lines are read line by
 line, a JSON list is parsed by ijson one record at a time after one checking pass that builds no
 objects (a broken list is refused before any of its records is used). A leading UTF-8 BOM is
-skipped. Every fault is a :class:`~dataprocess.schema.RecordError` naming the file and where:
-the line of a JSONL record, the line, column and byte offset of a JSON list's fault. Checking a
-raw dict against the schema is :func:`dataprocess.schema.parse_record`'s job.
+skipped in both formats. A record nested deeper than ``MAX_DEPTH`` levels (the record object is
+level 1) is refused before anything builds it, in time and memory linear in its size
+(:mod:`dataprocess.nesting`). Every fault is a :class:`~dataprocess.schema.RecordError` naming
+the file and where: the line of a JSONL record, the line, column and byte offset of a JSON list's
+fault (the index of a record nested too deep). Checking a raw dict against the schema is
+:func:`dataprocess.schema.parse_record`'s job.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from typing import Any
 
 import ijson
 
+from dataprocess.nesting import NestingScanner
 from dataprocess.schema import RecordError
 
 _CHUNK = 1 << 16  # bytes per read of a record file
+# Deepest nesting a record may have (the record object is level 1). Real records need about 5;
+# the limit keeps every recursive step after reading (json, copies, hashing) far from the stack's.
+MAX_DEPTH = 100
+_BOM = b"\xef\xbb\xbf"
 
 # Receives the error of one unreadable record slot (see iter_raw_records).
 OnError = Callable[[RecordError], None]
@@ -39,8 +47,26 @@ def _decode(data: bytes, source: str, line: int | None = None, index: int | None
         ) from None
 
 
+def _too_deep_line(line: bytes) -> bool:
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False  # cannot nest deeper than it opens: the common case costs two counts
+    return NestingScanner(MAX_DEPTH).feed(line) is not None
+
+
+def _too_deep(where: str, source: str, index: int | None) -> RecordError:
+    return RecordError(
+        f"{where}nested deeper than {MAX_DEPTH} levels (the limit of "
+        "dataprocess.reading.MAX_DEPTH); refused unread",
+        kind="too_deep",
+        source=source,
+        index=index,
+    )
+
+
 def _parse_line(line: bytes, line_number: int, source: str, index: int) -> dict:
     """One JSONL line as a dict, or a RecordError naming the line (the caller decides)."""
+    if _too_deep_line(line):
+        raise _too_deep(f"line {line_number}: ", source, index)
     text = _decode(line, source, line_number, index).strip()
     try:
         raw = json.loads(text)
@@ -65,6 +91,8 @@ def _iter_jsonl(path: Path, source: str, on_error: OnError | None) -> Iterator[t
     index = 0
     with path.open("rb") as lines:  # line by line: memory does not grow with the file
         for line_number, line in enumerate(lines, start=1):
+            if line_number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]  # as in a JSON list: editors on Windows write one
             if not line.strip():
                 continue  # blank lines (a trailing newline, for example) carry no record
             try:
@@ -85,8 +113,11 @@ class _Reader:
     chunk that held it fed byte by byte: the parser fails right after the offending byte.
     """
 
-    def __init__(self, file: Any, slow_from: int | None = None) -> None:
+    def __init__(
+        self, file: Any, slow_from: int | None = None, scanner: NestingScanner | None = None
+    ) -> None:
         self.file = file
+        self.scanner = scanner  # sees every byte before the parser does (see nesting.py)
         self.position = file.tell()  # a byte offset in the file
         self.chunk_start = self.position
         self.at_end = False
@@ -101,6 +132,8 @@ class _Reader:
             else:
                 size = min(size if size > 0 else _CHUNK, self.slow_from - self.position)
         data = self.file.read(size)
+        if self.scanner is not None and (index := self.scanner.feed(data)) is not None:
+            raise _too_deep("", getattr(self.file, "name", ""), index)
         self.chunk_start = self.position
         self.position += len(data)
         self.at_end = not data
@@ -108,7 +141,7 @@ class _Reader:
 
 
 def _skip_bom(file: Any) -> None:
-    if file.read(3) != b"\xef\xbb\xbf":
+    if file.read(len(_BOM)) != _BOM:
         file.seek(0)
 
 
@@ -188,12 +221,12 @@ _TOP_TYPES = {
 def _top_type(path: Path, source: str) -> str:
     """The type name of a JSON document's top-level value, after checking the whole document.
 
-    One pass of the C parser that builds no objects: a JSON list that breaks anywhere is refused
-    before any of its records is yielded, as when the file was parsed whole.
+    One pass of the C parser that builds no objects: a JSON list that breaks anywhere, or holds
+    a record nested deeper than MAX_DEPTH, is refused before any of its records is yielded.
     """
     with path.open("rb") as file:
         _skip_bom(file)
-        reader = _Reader(file)
+        reader = _Reader(file, scanner=NestingScanner(MAX_DEPTH + 1))  # + 1: the list itself
         try:
             events = ijson.basic_parse(reader, buf_size=_CHUNK, use_float=True)
             event, value = next(events)

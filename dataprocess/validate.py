@@ -70,14 +70,15 @@ class ImageCheck:
 
 
 def _decodes(path: Path) -> str:
-    """Empty string when PIL can fully decode ``path``, else the reason."""
+    """Empty string when ``path`` decodes as training decodes it, else the reason."""
+    from visual.image_io import load_image  # the one decoder (no torch: visual's towers are lazy)
+
     try:
         with Image.open(path) as image:
             image.verify()  # structure check; verify() leaves the image unusable, so reopen
-        with Image.open(path) as image:
-            image.load()  # full decode catches truncated files and empty placeholders
-            if image.width < 1 or image.height < 1:
-                return "image has zero size"
+        image = load_image(path)  # full decode catches truncated files and empty placeholders
+        if image.width < 1 or image.height < 1:
+            return "image has zero size"
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "unreadable"
         return f"{type(exc).__name__}: {exc}"
     return ""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from visual.image_io import load_image
+from visual.image_io import ImageLoadError, load_image
 from visual.preprocessing import ImagePreprocessor
 from visual.tower import VisionTower
 
@@ -73,7 +73,11 @@ def tower_cache_settings(tower: VisionTower) -> dict[str, Any]:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Relative image paths -> preprocessed `[3, H, W]`; runs in DataLoader workers."""
+    """Relative image paths -> (preprocessed `[3, H, W]`, "") or (None, why it does not decode).
+
+    Runs in DataLoader workers: a decoding fault travels back as a value, because an exception
+    raised in a worker reaches the user wrapped in that worker's traceback.
+    """
 
     def __init__(self, paths: Sequence[str], folder: Path, preprocess: ImagePreprocessor) -> None:
         self.paths, self.folder, self.preprocess = paths, folder, preprocess
@@ -81,8 +85,25 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess([load_image(self.folder / self.paths[index])])[0]  # [3, H, W]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
+        try:
+            image = load_image(self.folder / self.paths[index])
+        except ImageLoadError as error:
+            return None, str(error)
+        return self.preprocess([image])[0], ""  # [3, H, W]
+
+
+def _stack(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, list[str]]:
+    """A batch `[b, 3, H, W]` with no faults, or (None, [why per image]) when any image failed."""
+    faults = [why for _, why in items]
+    if any(faults):
+        return None, faults
+    return torch.stack([pixels for pixels, _ in items]), []
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes: up to 4, leaving one core to the main process."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
 def encode_feature_cache(
@@ -99,7 +120,8 @@ def encode_feature_cache(
 
     Rows keep the first-seen order of the paths. Raises FileExistsError if `out_dir` exists,
     ValueError for a bad `dtype` / `batch_size` or no images, and `ImageLoadError` naming the
-    file for an image that cannot be read (nothing is left at `out_dir` then).
+    file for an image that cannot be read, its `image` the path as given (nothing is left at
+    `out_dir` then).
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
@@ -150,12 +172,16 @@ def _write_features(
         _ImageFiles(paths, folder, tower.preprocessor),
         batch_size=batch_size,
         num_workers=num_workers,
+        collate_fn=_stack,
         pin_memory=tower.device.type == "cuda",
     )
     start, began = 0, time.perf_counter()
     tower.eval()
     with tqdm(total=len(paths), desc="features", unit="img") as progress:
-        for pixel_values in loader:  # [b, 3, H, W]
+        for pixel_values, faults in loader:  # [b, 3, H, W]
+            if faults:
+                bad = next(k for k, why in enumerate(faults) if why)
+                raise ImageLoadError(faults[bad], image=paths[start + bad])
             features = tower(pixel_values)  # [b, N, Dv], no grad
             end = start + features.shape[0]
             store[start:end] = features.float().cpu().numpy()

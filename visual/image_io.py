@@ -1,7 +1,10 @@
 """Image decoding: any file PIL can read becomes an 8-bit RGB `PIL.Image`.
 
-This is the only place that opens image files. Everything downstream (padding, resizing,
-normalisation) may assume RGB, uint8, EXIF orientation already applied.
+This is the only place that decodes images: training, inference, the feature cache, evaluation
+(files and embedded bytes), the web chat, `dataprocess validate / images / boxes` all call
+`load_image` (or `to_rgb` on an image already open), so a picture has the same pixels on every
+path. Everything downstream (padding, resizing, normalisation) may assume RGB, uint8, EXIF
+orientation already applied.
 
 Mode conversion rules:
 - alpha (RGBA, LA, PA, P with a transparency entry) is composited on **white**, because most
@@ -13,6 +16,7 @@ Mode conversion rules:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,20 +31,31 @@ _ORIENTATION = 0x0112  # EXIF tag
 
 
 class ImageLoadError(ValueError):
-    """An image file is missing, corrupt, or not an image; the message names the file."""
+    """An image file is missing, corrupt, or not an image; the message names the file.
+
+    `image` is the path as the records spell it, where the caller knows it (to name the record).
+    """
+
+    def __init__(self, message: str, image: str | None = None) -> None:
+        super().__init__(message)
+        self.image = image
 
 
-def load_image(path: str | os.PathLike[str] | Image.Image) -> Image.Image:
+def load_image(path: str | os.PathLike[str] | bytes | Image.Image) -> Image.Image:
     """Decode `path` into an RGB image with EXIF orientation applied.
 
-    A `PIL.Image` is accepted too and only normalised (mode, orientation). Raises
-    `ImageLoadError` naming the file for a missing, unreadable, truncated or non-image file.
+    Encoded bytes (an image embedded in a TSV or parquet file) are decoded the same way; a
+    `PIL.Image` is only normalised (mode, orientation). Raises `ImageLoadError` naming the file
+    for a missing, unreadable, truncated or non-image file.
     """
     if isinstance(path, Image.Image):
         return to_rgb(path)
-    file = Path(path)
-    if not file.is_file():
-        raise ImageLoadError(f"image file not found: {file}")
+    if isinstance(path, bytes):
+        file, name = io.BytesIO(path), f"embedded image ({len(path)} bytes)"
+    else:
+        file = name = Path(path)
+        if not file.is_file():
+            raise ImageLoadError(f"image file not found: {file}")
     try:
         with Image.open(file) as image:
             image.load()  # decode now, so a truncated file fails here and not in a worker later
@@ -54,7 +69,7 @@ def load_image(path: str | os.PathLike[str] | Image.Image) -> Image.Image:
         ValueError,
         Image.DecompressionBombError,
     ) as err:
-        raise ImageLoadError(f"cannot decode image file {file}: {err}") from err
+        raise ImageLoadError(f"cannot decode image file {name}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

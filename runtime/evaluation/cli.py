@@ -134,7 +134,7 @@ def evaluate(args: argparse.Namespace, session=None) -> dict:
     from runtime.cli import checkpoint_overrides
     from runtime.evaluation.report import write_report
     from runtime.evaluation.runner import answer_questions, check_run, read_answers
-    from runtime.evaluation.scoring import score
+    from runtime.evaluation.scoring import check_answer_ids, score
     from runtime.inference import GenerationSettings, InferenceSession, check_system_prompt
 
     settings = GenerationSettings.from_args(args)
@@ -147,10 +147,11 @@ def evaluate(args: argparse.Namespace, session=None) -> dict:
     if args.answers and not Path(args.answers).is_file():
         raise FileNotFoundError(f"--answers {args.answers}: no such file")
     description = describe_run(args, settings)
-    check_run(output_dir, description, overwrite=args.overwrite)
-    if args.answers:
+    if args.answers:  # checked before run.json is written: a refused file leaves nothing behind
         answers = read_answers(Path(args.answers))
-    else:
+        check_answer_ids(questions, answers, args.answers)
+    check_run(output_dir, description, overwrite=args.overwrite)
+    if not args.answers:
         if session is None:
             session = InferenceSession.from_checkpoint(
                 args.model_weights, system_prompt=args.system_prompt, settings=settings,

@@ -18,6 +18,7 @@ from runtime.evaluation.questions import (
     LETTERS,
     Question,
     choice_prompt,
+    refuse_duplicate_ids,
     short_answer_prompt,
     single_turn,
     yes_no_prompt,
@@ -81,15 +82,17 @@ def _mme_subtask(folder: Path) -> list[Question]:
     images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     questions = []
     for txt in sorted(answers_dir.glob("*.txt")):
-        if txt.stem not in images:
-            raise FileNotFoundError(f"{txt}: no image named {txt.stem}.* in {images_dir}")
+        # A missing image makes its questions unaskable (skipped with --skip_bad_questions).
+        image = images.get(txt.stem, images_dir / f"{txt.stem}.*")
+        problem = None if txt.stem in images else f"{txt}: no image named {txt.stem}.* beside it"
         lines = [line for line in txt.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         for k, line in enumerate(lines):
             if "\t" not in line:
                 raise ValueError(f"{txt}, line {k + 1}: expected 'question<TAB>answer'")
             text, answer = line.rsplit("\t", 1)
-            image = images[txt.stem]
-            questions.append(_mme_question(folder.name, image.name, k, text, answer, image))
+            question = _mme_question(folder.name, image.name, k, text, answer, image)
+            question.problem = problem
+            questions.append(question)
     return questions
 
 
@@ -103,20 +106,27 @@ def load_pope(data: Path, image_folder: Path | None) -> list[Question]:
         raise ValueError("--benchmark pope needs --image_folder (the COCO val2014 images)")
     questions = []
     for file in files:
-        split = file.stem.removeprefix("coco_pope_")
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question = single_turn(
-                    f"{split}/{row['question_id']}", yes_no_prompt(row["text"]),
-                    image_folder / row["image"], reference=row["label"].strip().lower(),
-                    meta={"split": split},
-                )  # fmt: skip
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
-                raise ValueError(f"{file}, line {number}: not a POPE question ({error})") from None
-            questions.append(question)
+        questions += refuse_duplicate_ids(_pope_file(file, image_folder), file)
+    return questions
+
+
+def _pope_file(file: Path, image_folder: Path) -> list[Question]:
+    """The questions of one coco_pope_<split>.json file (JSON lines)."""
+    questions = []
+    split = file.stem.removeprefix("coco_pope_")
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            question = single_turn(
+                f"{split}/{row['question_id']}", yes_no_prompt(row["text"]),
+                image_folder / row["image"], reference=row["label"].strip().lower(),
+                meta={"split": split},
+            )  # fmt: skip
+        except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{file}, line {number}: not a POPE question ({error})") from None
+        questions.append(question)
     return questions
 
 
@@ -155,7 +165,7 @@ def load_scienceqa(data: Path, image_folder: Path | None, split: str = "test") -
                 meta=meta,
             )  # fmt: skip
         )
-    return questions
+    return refuse_duplicate_ids(questions, folder / "pid_splits.json")
 
 
 def load_textvqa(data: Path, image_folder: Path | None) -> list[Question]:
@@ -176,7 +186,7 @@ def load_textvqa(data: Path, image_folder: Path | None) -> list[Question]:
         )
         for row in rows
     ]
-    return questions
+    return refuse_duplicate_ids(questions, data)
 
 
 def load_records(data: Path, image_folder: Path | None) -> list[Question]:
@@ -199,7 +209,7 @@ def load_records(data: Path, image_folder: Path | None) -> list[Question]:
             images, reference=turns[-1].content, meta={"turns": len(turns) // 2},
             system_prompt=system,
         ))  # fmt: skip
-    return questions
+    return refuse_duplicate_ids(questions, data)
 
 
 def _read_json(path: Path):

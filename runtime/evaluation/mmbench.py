@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
 from runtime.evaluation.extraction import extract_choice
-from runtime.evaluation.questions import LETTERS, Question, choice_prompt, single_turn
+from runtime.evaluation.questions import (
+    LETTERS,
+    Question,
+    choice_prompt,
+    refuse_duplicate_ids,
+    single_turn,
+)
 
 ROTATION = 1_000_000  # index of rotation k of question i: i + k * ROTATION
+BREAKDOWN_COLUMNS = ("category", "l2-category")
+
+logger = logging.getLogger(__name__)
 
 
 def _present(value) -> bool:
@@ -39,6 +49,12 @@ def load_mmbench(data: Path, lang: str = "auto", rotate: bool = True) -> list[Qu
     missing = {"index", "question", "A", "B", "image"} - set(table.columns)
     if missing:
         raise ValueError(f"--data {data}: not an MMBench TSV, no column(s) {sorted(missing)}")
+    absent = [name for name in BREAKDOWN_COLUMNS if name not in table.columns]
+    if absent:
+        logger.warning(
+            "mmbench %s: no %s column(s): only the overall accuracy is scored, with no "
+            "per-category breakdown", data, " or ".join(absent),
+        )  # fmt: skip
     rows = table.to_dict("records")
     images = {int(row["index"]): str(row["image"]) for row in rows}
     has_rotations = any(int(row["index"]) >= ROTATION for row in rows)
@@ -55,7 +71,7 @@ def load_mmbench(data: Path, lang: str = "auto", rotate: bool = True) -> list[Qu
             if answer in options:
                 reference = LETTERS[(list(options).index(answer) - k) % len(options)]
             questions.append(_question(row, index + k * ROTATION, rotated, reference, images, lang))
-    return questions
+    return refuse_duplicate_ids(questions, data)
 
 
 def _question(row: dict, index: int, options: dict, reference, images: dict, lang: str):
@@ -65,21 +81,28 @@ def _question(row: dict, index: int, options: dict, reference, images: dict, lan
         "category": str(row.get("category", "")) if _present(row.get("category")) else "",
         "l2-category": str(row["l2-category"]) if _present(row.get("l2-category")) else "",
     }
+    image, problem = _image_bytes(row, images)
     return single_turn(
-        str(index), text, _image_bytes(row, images), reference=reference, options=options,
-        meta=meta, group=str(index % ROTATION),
+        str(index), text, image, reference=reference, options=options,
+        meta=meta, group=str(index % ROTATION), problem=problem,
     )  # fmt: skip
 
 
-def _image_bytes(row: dict, images: dict[int, str]) -> bytes:
-    """The row's base64 image; a short value is the index of the row holding the image."""
-    value = str(row["image"])
-    if len(value) <= 64 and value.strip().isdigit() and int(value) in images:
+def _image_bytes(row: dict, images: dict[int, str]) -> tuple[bytes, str | None]:
+    """(the row's decoded base64 image, None) or (b"", why not): a bad cell makes its question
+    unaskable, skipped or refused by `screen_questions`, which names the benchmark and file.
+    A short value is the index of the row holding the image (VLMEvalKit's shared images)."""
+    value = str(row["image"]) if _present(row["image"]) else ""
+    if len(value) <= 64 and value.strip().isdigit():
+        if int(value) not in images:
+            return b"", f"the image cell refers to row {value.strip()}, which is not in the file"
         value = images[int(value)]
+    if not _present(value):
+        return b"", "the image cell is empty"
     try:
-        return base64.b64decode(value, validate=False)
+        return base64.b64decode("".join(value.split()), validate=True), None
     except (binascii.Error, ValueError) as error:
-        raise ValueError(f"MMBench row {row['index']}: the image is not base64 ({error})") from None
+        return b"", f"the image cell is not base64 ({error})"
 
 
 def score_mmbench(questions: list[Question], answers: dict[str, str]) -> dict:

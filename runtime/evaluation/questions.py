@@ -36,6 +36,8 @@ class Question:
     `images` are file paths or encoded image bytes (TSV / parquet benchmarks), one per `<image>`
     marker. `group` ties questions scored together (an MME image's two questions, an MMBench
     question's rotations); `meta` holds the fields the breakdowns use (category, split, ...).
+    `problem` is set by a loader that found the question unaskable (an MME text file without its
+    image, an empty or non-base64 MMBench image cell): it is skipped or refused like the rest.
     """
 
     question_id: str
@@ -47,6 +49,7 @@ class Question:
     meta: dict[str, Any] = field(default_factory=dict)
     group: str = ""
     system_prompt: str | None = None
+    problem: str | None = None
 
     def __post_init__(self) -> None:
         self.group = self.group or self.question_id
@@ -99,10 +102,24 @@ def decode_image(image: Path | bytes, question_id: str) -> Path | Image.Image:
     if isinstance(image, Path):
         return image
     try:
-        return load_image(Image.open(io.BytesIO(image)))
-    except (OSError, ValueError, ImageLoadError) as error:
+        return load_image(image)
+    except ImageLoadError as error:
         message = f"question {question_id}: its embedded image does not decode: {error}"
         raise ValueError(message) from None
+
+
+def refuse_duplicate_ids(questions: list[Question], source: Path | str) -> list[Question]:
+    """`questions`, or a ValueError naming the first id that occurs twice and its file: answers
+    are matched by id, so one answer would be scored against two references."""
+    seen: set[str] = set()
+    for question in questions:
+        if question.question_id in seen:
+            raise ValueError(
+                f"{source}: question id {question.question_id!r} occurs more than once; "
+                "ids must be unique (answers are matched to questions by id)"
+            )
+        seen.add(question.question_id)
+    return questions
 
 
 def limit_groups(questions: list[Question], limit: int | None) -> list[Question]:
@@ -123,6 +140,8 @@ def limit_groups(questions: list[Question], limit: int | None) -> list[Question]
 def question_problem(question: Question, multiple_choice: bool) -> str | None:
     """Why `question` cannot be asked or scored (a missing image file, an embedded image that
     does not decode, a multiple-choice row with fewer than two options), or None."""
+    if question.problem is not None:
+        return question.problem
     if multiple_choice and len(question.options) < 2:
         return f"{len(question.options)} option(s); a multiple-choice question needs two or more"
     for image in question.images:

@@ -8,6 +8,7 @@ and counts as wrong too (`score` reports both counts).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 from runtime.evaluation.extraction import extract_choice, extract_yes_no
@@ -17,6 +18,7 @@ from runtime.evaluation.questions import Question
 from runtime.evaluation.vqa_accuracy import vqa_accuracy
 from runtime.inference import exact_match
 
+logger = logging.getLogger(__name__)
 SCIENCEQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 
 
@@ -157,3 +159,21 @@ def score(benchmark: str, questions: list[Question], answers: dict[str, str]) ->
         "unparsed": result.pop("unparsed", 0),
     }
     return result
+
+
+def check_answer_ids(questions: list[Question], answers: dict[str, str], source: str) -> None:
+    """Refuse an answers file none of whose ids is a question's id (another benchmark, or ids
+    spelled another way): scoring it would report 0.00 as if the model answered all wrong."""
+    asked = {question.question_id for question in questions}
+    if not answers:
+        raise ValueError(f"--answers {source}: holds no answers; nothing to score")
+    unknown = [question_id for question_id in answers if question_id not in asked]
+    if len(unknown) == len(answers):
+        raise ValueError(
+            f"--answers {source}: none of its {len(answers)} question ids (e.g. "
+            f"{unknown[0]!r}) is a question of this benchmark (e.g. "
+            f"{next(iter(asked), '')!r}); nothing to score"
+        )
+    if unknown:
+        logger.warning("--answers %s: %d of its %d ids match no question (e.g. %r); not scored",
+                       source, len(unknown), len(answers), unknown[0])  # fmt: skip
