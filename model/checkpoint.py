@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from identity.fingerprint import fingerprints_differ, module_fingerprint
 from model.builder import compose_vlm, load_language_model, load_vision
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.vlm import VisionLanguageModel
@@ -40,19 +41,18 @@ ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 LLM_DIR = "language_model"
 FORMAT = "qwen-vlm-checkpoint/1"
-_FINGERPRINT_VALUES = 1 << 16  # values hashed from each fingerprinted tensor
+_LEGACY_VALUES = 1 << 16
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, or does not fit the model it is loaded into."""
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """A short hash of a frozen model's identity: the first values of its first parameter (the
-    input embedding or patch embedding), rounded to bf16 so fp32 / bf16 / 4-bit loads of the same
-    weights agree (quantized linears are never the first parameter)."""
+def _legacy_fingerprint(module: nn.Module) -> str:
+    """The fingerprint of checkpoints written before `identity.fingerprint` (a string in
+    `base_fingerprint`): the first values of the first parameter only, still checked that way."""
     param = next(iter(module.parameters()))  # names differ under peft wrappers; values do not
-    values = param.detach().reshape(-1)[:_FINGERPRINT_VALUES].to("cpu", torch.bfloat16)
+    values = param.detach().reshape(-1)[:_LEGACY_VALUES].to("cpu", torch.bfloat16)
     digest = hashlib.sha256(str(tuple(param.shape)).encode())
     digest.update(values.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -89,8 +89,8 @@ def describe(
         "vision_hidden_size": vlm.vision.hidden_size,
         "llm_hidden_size": vlm.llm.config.hidden_size,
         "base_fingerprint": {
-            "language_model": weights_fingerprint(vlm.llm),
-            "vision": weights_fingerprint(vlm.vision),
+            "language_model": module_fingerprint(vlm.llm),
+            "vision": module_fingerprint(vlm.vision),
         },
         "weights": list(weights),
     }
@@ -199,6 +199,17 @@ def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
 _BASE_FLAGS = {"language_model": "language_model", "vision": "vision_model"}
 
 
+def base_differs(recorded: str | dict, module: nn.Module) -> tuple[bool, str]:
+    """(differs?, what the loaded weights give) against a recorded fingerprint: the all-parameter
+    one (`identity.fingerprint`), or an old checkpoint's first-parameter string."""
+    if isinstance(recorded, str):
+        got = _legacy_fingerprint(module)
+        return got != recorded, got
+    got = module_fingerprint(module)
+    shown = got["all"] or f"{got['plain']} (4-bit: embeddings and norms compared)"
+    return fingerprints_differ(recorded, got), shown
+
+
 def check_base(
     description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool, where: str = ""
 ) -> None:
@@ -207,14 +218,19 @@ def check_base(
     recorded = description.get("base_fingerprint") or {}
     parts = {"vision": vlm.vision, **({"language_model": vlm.llm} if llm else {})}
     for part, module in parts.items():
-        got = weights_fingerprint(module)
-        if part not in recorded or got == recorded[part]:
+        if part not in recorded:
+            continue
+        differs, got = base_differs(recorded[part], module)
+        if not differs:
             continue
         flag = _BASE_FLAGS[part]
         trained_on = (description.get(part) or {}).get(flag)
+        was = recorded[part] if isinstance(recorded[part], str) else recorded[part].get("all")
+        hint = "; a merged model's language_model/ holds the LoRA already" if llm else ""
         message = (
-            f"{where}trained on other {part} weights (fingerprint {recorded[part]}, these give "
-            f"{got}; trained on --{flag} {trained_on}): its answers would be confident garbage"
+            f"{where}trained on other {part} weights (fingerprint {was}, these give {got}; "
+            f"trained on --{flag} {trained_on}{hint if part == 'language_model' else ''}): its "
+            "answers would be confident garbage"
         )
         if not allow_other:
             raise CheckpointError(f"{message}. Pass --allow_other_base to load it anyway")
