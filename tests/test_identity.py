@@ -1,0 +1,100 @@
+"""Identity is content, not a path: a changed model, tower or data file at the same path is never
+taken for the old one (`identity/fingerprint.py` decides, every user compares through it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_checkpoint_loading import save_checkpoint
+
+from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
+from model.checkpoint import CheckpointError, _legacy_fingerprint, load_vlm
+from runtime.merge import merge_checkpoint
+
+
+def changed_copy(model_dir: Path, out: Path, tensor: str) -> Path:
+    """`model_dir` copied with one tensor moved by 0.01 (every other byte the same)."""
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    weights[tensor] = weights[tensor] + 0.01
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir) -> Path:
+    """A LoRA checkpoint whose adapter moves the weights (B != 0, as after training)."""
+    out = save_checkpoint(tmp_path_factory.mktemp("trained"), tiny_qwen_dir, tiny_clip_dir)
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    state = load_file(adapter)
+    generator = torch.Generator().manual_seed(0)
+    for name in [n for n in state if "lora_B" in n]:
+        state[name] = torch.randn(state[name].shape, generator=generator) * 0.05
+    save_file(state, adapter, metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    ["transformer.h.1.mlp.w2.weight", "transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight",
+     "lm_head.weight"],
+)  # fmt: skip
+def test_a_change_to_any_base_layer_is_refused(trained, tiny_qwen_dir, tmp_path, tensor):
+    other = changed_copy(Path(tiny_qwen_dir), tmp_path / "other", tensor)
+    with pytest.raises(CheckpointError, match="trained on other language_model weights"):
+        load_vlm(trained, language_model=str(other), dtype="float32")
+
+
+def test_the_merged_llm_as_base_is_refused_lora_would_apply_twice(trained, tmp_path):
+    merged = merge_checkpoint(trained, tmp_path / "merged", dtype="float32")
+    with pytest.raises(CheckpointError, match="holds the LoRA already") as refused:
+        load_vlm(trained, language_model=str(merged / "language_model"), dtype="float32")
+    assert "\n" not in str(refused.value)
+    load_vlm(merged, dtype="float32")  # the merged model itself loads
+
+
+def test_fp32_and_bf16_loads_of_the_same_weights_agree(trained):
+    full = load_vlm(trained, dtype="float32")[0]
+    half = load_vlm(trained, dtype="bfloat16")[0]
+    assert not fingerprints_differ(module_fingerprint(full.vision), module_fingerprint(half.vision))
+
+
+def test_an_old_checkpoints_first_parameter_fingerprint_is_still_checked(
+    trained, tiny_qwen_dir, tmp_path
+):
+    old = Path(shutil.copytree(trained, tmp_path / "old"))
+    vlm = load_vlm(trained, dtype="float32")[0]
+    description = json.loads((old / "vlm_config.json").read_text())
+    description["base_fingerprint"] = {
+        "language_model": _legacy_fingerprint(vlm.llm.get_base_model()),
+        "vision": _legacy_fingerprint(vlm.vision),
+    }
+    (old / "vlm_config.json").write_text(json.dumps(description))
+    load_vlm(old, dtype="float32")  # the same bases: loads
+    other = changed_copy(Path(tiny_qwen_dir), tmp_path / "other", "transformer.wte.weight")
+    with pytest.raises(CheckpointError, match="trained on other language_model weights"):
+        load_vlm(old, language_model=str(other), dtype="float32")
+
+
+def test_a_file_fingerprint_sees_an_edit_and_the_record_order(tmp_path):
+    records = [{"id": str(i), "conversations": []} for i in range(3)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    before = path_fingerprint(data)
+    data.write_text(json.dumps(records[::-1]))
+    assert path_fingerprint(data) != before
+    data.write_text(json.dumps(records))
+    assert path_fingerprint(data) == before
+
+
+def test_a_sampled_fingerprint_of_a_large_file_sees_a_rewrite(tmp_path):
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(bytes(range(256)) * 100_000)  # 25.6 MB
+    before = path_fingerprint(weights, sample_over=1 << 20)
+    weights.write_bytes(bytes(reversed(range(256))) * 100_000)
+    assert path_fingerprint(weights, sample_over=1 << 20) != before
