@@ -11,10 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoint_loading import save_checkpoint
+from test_run_hardening import flags, forge_checkpoint
 
+import train
 from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
-from model.checkpoint import CheckpointError, _legacy_fingerprint, load_vlm
+from model.checkpoint import FORMAT, CheckpointError, _legacy_fingerprint, load_vlm
 from runtime.merge import merge_checkpoint
+from runtime.resume import TRAINING_DATA, data_identity
 
 
 def changed_copy(model_dir: Path, out: Path, tensor: str) -> Path:
@@ -98,3 +101,28 @@ def test_a_sampled_fingerprint_of_a_large_file_sees_a_rewrite(tmp_path):
     before = path_fingerprint(weights, sample_over=1 << 20)
     weights.write_bytes(bytes(reversed(range(256))) * 100_000)
     assert path_fingerprint(weights, sample_over=1 << 20) != before
+
+
+def test_an_exact_resume_refuses_other_or_edited_data(tmp_path):
+    records = [{"id": str(i), "conversations": []} for i in range(4)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    argv = flags(out, data_path=data)
+    checkpoint = forge_checkpoint(out / "checkpoint-2", argv)
+    description = {"format": FORMAT, TRAINING_DATA: data_identity(train.parse_args(argv).data)}
+    (checkpoint / "vlm_config.json").write_text(json.dumps(description))
+    resume = flags(out, data_path=data, resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="--language_model"):  # the same data: resumes
+        train.main(resume)
+    data.write_text(json.dumps(records[::-1]))  # the same records in another order
+    with pytest.raises(ValueError, match=f"--data_path {data}: not the data {checkpoint} trained"):
+        train.main(resume)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(records[:3]))
+    with pytest.raises(ValueError, match=f"--data_path {other}: not the data"):
+        train.main(flags(out, data_path=other, resume_from_checkpoint="latest"))
+    weights_only = flags(tmp_path / "new", data_path=other, resume_from_checkpoint=checkpoint,
+                         resume_weights_only=True)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--language_model"):  # a new run: any data
+        train.main(weights_only)
