@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from identity.fingerprint import fingerprints_differ, module_fingerprint
+from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
 from model.builder import compose_vlm, load_language_model, load_vision
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.vlm import VisionLanguageModel
@@ -194,6 +194,20 @@ def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
     except (RuntimeError, ValueError, OSError) as error:
         detail = str(error).split("\n", 1)[-1].strip()
         raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """The content fingerprint of a checkpoint's model: its description (which holds the base
+    weights' fingerprints) and trained weights - not its optimizer or checkpoint-N/ folders.
+    Weight files over 64 MiB are sampled (a retrained model changes every block)."""
+    checkpoint = Path(checkpoint)
+    parts = [VLM_CONFIG, PROJECTOR_FILE, ADAPTER_DIR, LLM_DIR]
+    digests = [
+        f"{name}:{path_fingerprint(checkpoint / name, sample_over=1 << 26)}"
+        for name in parts
+        if (checkpoint / name).exists()
+    ]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 _BASE_FLAGS = {"language_model": "language_model", "vision": "vision_model"}

@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoint_loading import save_checkpoint
+from test_evaluation import pope_files  # noqa: F401 - a fixture
 from test_run_hardening import flags, forge_checkpoint
 
 import train
 from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
 from model.checkpoint import FORMAT, CheckpointError, _legacy_fingerprint, load_vlm
+from runtime.evaluation import cli
 from runtime.merge import merge_checkpoint
 from runtime.resume import TRAINING_DATA, data_identity
 
@@ -126,3 +128,38 @@ def test_an_exact_resume_refuses_other_or_edited_data(tmp_path):
                          resume_weights_only=True)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="--language_model"):  # a new run: any data
         train.main(weights_only)
+
+
+class AnswersYes:
+    """Stands in for an InferenceSession of the model at --model_weights."""
+
+    def __init__(self, answer: str = "yes") -> None:
+        self.answer = answer
+
+    def answer_batch(self, conversations, images, system_prompts=None) -> list[str]:
+        return [self.answer] * len(conversations)
+
+
+def test_evaluation_refuses_to_mix_answers_of_a_retrained_model_or_edited_data(
+    pope_files,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    coco, images = pope_files
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "projector.safetensors").write_bytes(b"weights of the first training")
+    args = ["--benchmark", "pope", "--data", str(coco), "--image_folder", str(images),
+            "--model_weights", str(model), "--output_dir", str(tmp_path / "eval"),
+            "--no_progress"]  # fmt: skip
+    assert cli.evaluate(cli.parse_args(args), AnswersYes())["counts"]["answered"] == 7
+    cli.evaluate(cli.parse_args(args), AnswersYes())  # the same model and data: resumes
+    (model / "projector.safetensors").write_bytes(b"weights of the second training")
+    with pytest.raises(ValueError, match="model_content: the model at --model_weights changed"):
+        cli.evaluate(cli.parse_args(args), AnswersYes("no"))
+    (model / "projector.safetensors").write_bytes(b"weights of the first training")
+    pope = coco / "coco_pope_random.json"
+    pope.write_text(pope.read_text().replace("a thing 1", "a dog"))
+    with pytest.raises(ValueError, match="data_content: the --data files changed"):
+        cli.evaluate(cli.parse_args(args), AnswersYes())
+    report = cli.evaluate(cli.parse_args([*args, "--overwrite"]), AnswersYes("no"))
+    assert report["counts"]["answered"] == 7  # all asked again: none of the old answers kept
