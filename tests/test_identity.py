@@ -20,6 +20,8 @@ from model.checkpoint import FORMAT, CheckpointError, _legacy_fingerprint, load_
 from runtime.evaluation import cli
 from runtime.merge import merge_checkpoint
 from runtime.resume import TRAINING_DATA, data_identity
+from visual import load_vision_tower
+from visual.feature_cache import FeatureCache, encode_feature_cache, tower_cache_settings
 
 
 def changed_copy(model_dir: Path, out: Path, tensor: str) -> Path:
@@ -163,3 +165,20 @@ def test_evaluation_refuses_to_mix_answers_of_a_retrained_model_or_edited_data(
         cli.evaluate(cli.parse_args(args), AnswersYes())
     report = cli.evaluate(cli.parse_args([*args, "--overwrite"]), AnswersYes("no"))
     assert report["counts"]["answered"] == 7  # all asked again: none of the old answers kept
+
+
+def test_the_feature_cache_refuses_features_of_old_weights_at_the_same_path(
+    tiny_clip_dir, shapes_dir, tmp_path
+):
+    tower_dir = Path(shutil.copytree(tiny_clip_dir, tmp_path / "tower"))
+    tower = load_vision_tower(str(tower_dir))
+    images = [r["image"] for r in json.loads((shapes_dir / "test.json").read_text())]
+    cache = FeatureCache(encode_feature_cache(tower, images, shapes_dir, tmp_path / "cache"))
+    cache.check_matches(tower_cache_settings(tower))  # the same weights: read
+    weights = load_file(tower_dir / "model.safetensors")
+    name = sorted(n for n in weights if "layers.0." in n and n.endswith("fc1.weight"))[0]
+    weights[name] = weights[name] + 0.01  # new weights, same path, same settings
+    save_file(weights, tower_dir / "model.safetensors", metadata={"format": "pt"})
+    retrained = load_vision_tower(str(tower_dir))
+    with pytest.raises(ValueError, match="another vision tower setup: weights: cache '"):
+        cache.check_matches(tower_cache_settings(retrained))
