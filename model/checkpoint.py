@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ VLM_CONFIG = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 LLM_DIR = "language_model"
 FORMAT = "qwen-vlm-checkpoint/1"
 _LEGACY_VALUES = 1 << 16
@@ -140,6 +142,16 @@ def save_trainable(
         weights.append(folder)
     tokenizer.save_pretrained(out)
     save_description({**description, "weights": weights}, out)
+    readable_weights(out)
+
+
+def readable_weights(directory: Path) -> None:
+    """safetensors writes its files 0600; give them the mode any other file gets here (0644 under
+    the usual umask), so the people a checkpoint is shared with can read it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in directory.rglob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
 def read_description(checkpoint: str | Path) -> dict:
@@ -189,11 +201,32 @@ def load_projector_weights(vlm: VisionLanguageModel, checkpoint: str | Path) -> 
 def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
     """The base LLM wrapped with the trained LoRA adapter, or CheckpointError naming the file."""
     read_safetensors(adapter_dir / ADAPTER_FILE)  # names a damaged file before peft reads it
+    config = adapter_dir / ADAPTER_CONFIG
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{config}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config}: damaged ({error})") from None
     try:
         return PeftModel.from_pretrained(llm, adapter_dir)
     except (RuntimeError, ValueError, OSError) as error:
         detail = str(error).split("\n", 1)[-1].strip()
         raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None
+
+
+def checkpoint_sources(
+    checkpoint: str | Path, language_model: str | None = None, vision_model: str | None = None
+) -> dict[str, str | None]:
+    """Every local path loading `checkpoint` reads: itself and its bases (recorded, or the
+    overrides); a command writing an output must not replace any of them."""
+    description = read_description(checkpoint)
+    return {
+        "the checkpoint": str(checkpoint),
+        "the base language model": language_model
+        or description["language_model"].get("language_model"),
+        "the vision tower": vision_model or description["vision"].get("vision_model"),
+    }
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:

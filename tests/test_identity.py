@@ -4,6 +4,7 @@ taken for the old one (`identity/fingerprint.py` decides, every user compares th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,22 @@ def test_the_feature_cache_refuses_features_of_old_weights_at_the_same_path(
     retrained = load_vision_tower(str(tower_dir))
     with pytest.raises(ValueError, match="another vision tower setup: weights: cache '"):
         cache.check_matches(tower_cache_settings(retrained))
+
+
+def test_weights_are_written_with_the_umask_and_a_damaged_adapter_config_is_named(
+    trained, tiny_qwen_dir, tiny_clip_dir, tmp_path
+):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = save_checkpoint(tmp_path / "fresh", tiny_qwen_dir, tiny_clip_dir)
+    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        assert (fresh / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    merged = merge_checkpoint(trained, tmp_path / "merged", dtype="float32")
+    for path in merged.rglob("*.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    damaged = Path(shutil.copytree(trained, tmp_path / "damaged"))
+    config = damaged / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(CheckpointError, match=f"{config}: damaged") as refused:
+        load_vlm(damaged, dtype="float32")
+    assert "does not fit" not in str(refused.value)
