@@ -29,35 +29,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
+from identity.fingerprint import module_fingerprint, path_fingerprint
+from model.base_check import (  # noqa: F401 - CheckpointError and VLM_CONFIG are this module's API
+    VLM_CONFIG,
+    CheckpointError,
+    check_base,
+    check_not_merged_base,
+)
 from model.builder import compose_vlm, load_language_model, load_vision
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
 
-VLM_CONFIG = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 LLM_DIR = "language_model"
 FORMAT = "qwen-vlm-checkpoint/1"
-_LEGACY_VALUES = 1 << 16
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, damaged, or does not fit the model it is loaded into."""
-
-
-def _legacy_fingerprint(module: nn.Module) -> str:
-    """The fingerprint of checkpoints written before `identity.fingerprint` (a string in
-    `base_fingerprint`): the first values of the first parameter only, still checked that way."""
-    param = next(iter(module.parameters()))  # names differ under peft wrappers; values do not
-    values = param.detach().reshape(-1)[:_LEGACY_VALUES].to("cpu", torch.bfloat16)
-    digest = hashlib.sha256(str(tuple(param.shape)).encode())
-    digest.update(values.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _resolved(path: str | None) -> str | None:
@@ -243,47 +233,6 @@ def checkpoint_fingerprint(checkpoint: str | Path) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
-_BASE_FLAGS = {"language_model": "language_model", "vision": "vision_model"}
-
-
-def base_differs(recorded: str | dict, module: nn.Module) -> tuple[bool, str]:
-    """(differs?, what the loaded weights give) against a recorded fingerprint: the all-parameter
-    one (`identity.fingerprint`), or an old checkpoint's first-parameter string."""
-    if isinstance(recorded, str):
-        got = _legacy_fingerprint(module)
-        return got != recorded, got
-    got = module_fingerprint(module)
-    shown = got["all"] or f"{got['plain']} (4-bit: embeddings and norms compared)"
-    return fingerprints_differ(recorded, got), shown
-
-
-def check_base(
-    description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool, where: str = ""
-) -> None:
-    """Compare the loaded base weights with the fingerprint recorded at training time; refuse
-    (or, with `allow_other`, warn loudly) on a mismatch, naming the path trained on."""
-    recorded = description.get("base_fingerprint") or {}
-    parts = {"vision": vlm.vision, **({"language_model": vlm.llm} if llm else {})}
-    for part, module in parts.items():
-        if part not in recorded:
-            continue
-        differs, got = base_differs(recorded[part], module)
-        if not differs:
-            continue
-        flag = _BASE_FLAGS[part]
-        trained_on = (description.get(part) or {}).get(flag)
-        was = recorded[part] if isinstance(recorded[part], str) else recorded[part].get("all")
-        hint = "; a merged model's language_model/ holds the LoRA already" if llm else ""
-        message = (
-            f"{where}trained on other {part} weights (fingerprint {was}, these give {got}; "
-            f"trained on --{flag} {trained_on}{hint if part == 'language_model' else ''}): its "
-            "answers would be confident garbage"
-        )
-        if not allow_other:
-            raise CheckpointError(f"{message}. Pass --allow_other_base to load it anyway")
-        logger.warning("%s (--allow_other_base given: loading anyway)", message.upper())
-
-
 def load_vlm(
     checkpoint: str | Path,
     *,
@@ -306,6 +255,8 @@ def load_vlm(
     language.dtype, language.bits = dtype, bits
     weights = description["weights"]
     own_llm = LLM_DIR in weights
+    if ADAPTER_DIR in weights and not allow_other_base:
+        check_not_merged_base(language_model, checkpoint)
     llm_path = str(checkpoint / LLM_DIR) if own_llm else language_model
     llm, tokenizer = load_language_model(language, path=llm_path)
     vision_config = VisionConfig(**description["vision"])

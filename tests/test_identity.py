@@ -17,7 +17,8 @@ from test_run_hardening import flags, forge_checkpoint
 
 import train
 from identity.fingerprint import fingerprints_differ, module_fingerprint, path_fingerprint
-from model.checkpoint import FORMAT, CheckpointError, _legacy_fingerprint, load_vlm
+from model.base_check import _legacy_fingerprint
+from model.checkpoint import FORMAT, CheckpointError, load_vlm
 from runtime.evaluation import cli
 from runtime.merge import merge_checkpoint
 from runtime.resume import TRAINING_DATA, data_identity
@@ -60,9 +61,12 @@ def test_a_change_to_any_base_layer_is_refused(trained, tiny_qwen_dir, tmp_path,
 
 def test_the_merged_llm_as_base_is_refused_lora_would_apply_twice(trained, tmp_path):
     merged = merge_checkpoint(trained, tmp_path / "merged", dtype="float32")
-    with pytest.raises(CheckpointError, match="holds the LoRA already") as refused:
+    with pytest.raises(CheckpointError, match="merged model .*would apply twice") as refused:
         load_vlm(trained, language_model=str(merged / "language_model"), dtype="float32")
     assert "\n" not in str(refused.value)
+    copied = shutil.copytree(merged / "language_model", tmp_path / "copied")  # no merge record
+    with pytest.raises(CheckpointError, match="holds the LoRA already"):  # the fingerprint sees it
+        load_vlm(trained, language_model=str(copied), dtype="float32")
     load_vlm(merged, dtype="float32")  # the merged model itself loads
 
 
@@ -84,6 +88,9 @@ def test_an_old_checkpoints_first_parameter_fingerprint_is_still_checked(
     }
     (old / "vlm_config.json").write_text(json.dumps(description))
     load_vlm(old, dtype="float32")  # the same bases: loads
+    merged = merge_checkpoint(trained, tmp_path / "merged", dtype="float32")
+    with pytest.raises(CheckpointError, match="would apply twice"):  # embedding unchanged
+        load_vlm(old, language_model=str(merged / "language_model"), dtype="float32")
     other = changed_copy(Path(tiny_qwen_dir), tmp_path / "other", "transformer.wte.weight")
     with pytest.raises(CheckpointError, match="trained on other language_model weights"):
         load_vlm(old, language_model=str(other), dtype="float32")
