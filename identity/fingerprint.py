@@ -9,7 +9,8 @@ evaluation runs and the feature cache compare these fingerprints instead:
   agree). A change to any layer changes it (a merged LoRA moves every value of its layers). LoRA
   and `modules_to_save` copies are left out: they are what trains, not the base. Two digests:
   `all` tensors, and `plain` - the tensors outside linear layers (embeddings, norms), the only
-  ones a 4-bit load still holds in floating point. A 4-bit load is compared on `plain` alone.
+  ones a 4-bit load still holds in floating point. A 4-bit load is compared on `plain` alone; a
+  ZeRO-3 shard (parameters partitioned across processes) cannot be compared here.
 - `path_fingerprint(path)`: a file's bytes (so the record order too), or a directory's relative
   file names and bytes. Large files (weights) can be sampled: size plus evenly spaced blocks.
 
@@ -63,8 +64,8 @@ def module_fingerprint(module) -> dict:
     for name, param in module.named_parameters():
         if any(part in name for part in _NOT_BASE):
             continue
-        if hasattr(param, "ds_numel"):
-            raise ValueError("a ZeRO-3 shard cannot be fingerprinted; gather the module first")
+        if hasattr(param, "ds_numel"):  # a ZeRO-3 shard: this process holds no whole tensor
+            return {"version": VERSION, "all": None, "plain": None}
         if not param.is_floating_point():  # 4-bit packed: its values are not the weights'
             complete = False
             continue
@@ -80,7 +81,10 @@ def module_fingerprint(module) -> dict:
 
 
 def fingerprints_differ(recorded: dict, current: dict) -> bool:
-    """Compare two `module_fingerprint`s on everything both hold (`all`, else `plain`)."""
+    """Compare two `module_fingerprint`s on everything both hold (`all`, else `plain`; nothing
+    for a ZeRO-3 shard, which holds neither)."""
+    if recorded.get("plain") is None or current.get("plain") is None:
+        return False
     if recorded.get("all") and current.get("all"):
         return recorded["all"] != current["all"]
     return recorded.get("plain") != current.get("plain")
