@@ -53,9 +53,11 @@ def build_model(config):
 def run_description(vlm, config) -> dict:
     """What every checkpoint of this run says it is (model/checkpoint.py's `vlm_config.json`)."""
     from model.checkpoint import describe
+    from runtime.resume import TRAINING_DATA, data_identity
 
     network = (config.language_model, config.vision, config.projector)
-    return describe(vlm, *network, system_prompt=config.data.system_prompt)
+    description = describe(vlm, *network, system_prompt=config.data.system_prompt)
+    return {**description, TRAINING_DATA: data_identity(config.data)}
 
 
 def check_prompt_flags(config) -> None:

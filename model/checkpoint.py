@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,34 +29,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from identity.fingerprint import module_fingerprint, path_fingerprint
+from model.base_check import (  # noqa: F401 - CheckpointError and VLM_CONFIG are this module's API
+    VLM_CONFIG,
+    CheckpointError,
+    check_base,
+    check_not_merged_base,
+)
 from model.builder import compose_vlm, load_language_model, load_vision
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
 
-VLM_CONFIG = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 LLM_DIR = "language_model"
 FORMAT = "qwen-vlm-checkpoint/1"
-_FINGERPRINT_VALUES = 1 << 16  # values hashed from each fingerprinted tensor
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, damaged, or does not fit the model it is loaded into."""
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """A short hash of a frozen model's identity: the first values of its first parameter (the
-    input embedding or patch embedding), rounded to bf16 so fp32 / bf16 / 4-bit loads of the same
-    weights agree (quantized linears are never the first parameter)."""
-    param = next(iter(module.parameters()))  # names differ under peft wrappers; values do not
-    values = param.detach().reshape(-1)[:_FINGERPRINT_VALUES].to("cpu", torch.bfloat16)
-    digest = hashlib.sha256(str(tuple(param.shape)).encode())
-    digest.update(values.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _resolved(path: str | None) -> str | None:
@@ -89,8 +81,8 @@ def describe(
         "vision_hidden_size": vlm.vision.hidden_size,
         "llm_hidden_size": vlm.llm.config.hidden_size,
         "base_fingerprint": {
-            "language_model": weights_fingerprint(vlm.llm),
-            "vision": weights_fingerprint(vlm.vision),
+            "language_model": module_fingerprint(vlm.llm),
+            "vision": module_fingerprint(vlm.vision),
         },
         "weights": list(weights),
     }
@@ -140,6 +132,16 @@ def save_trainable(
         weights.append(folder)
     tokenizer.save_pretrained(out)
     save_description({**description, "weights": weights}, out)
+    readable_weights(out)
+
+
+def readable_weights(directory: Path) -> None:
+    """safetensors writes its files 0600; give them the mode any other file gets here (0644 under
+    the usual umask), so the people a checkpoint is shared with can read it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in directory.rglob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
 def read_description(checkpoint: str | Path) -> dict:
@@ -189,6 +191,13 @@ def load_projector_weights(vlm: VisionLanguageModel, checkpoint: str | Path) -> 
 def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
     """The base LLM wrapped with the trained LoRA adapter, or CheckpointError naming the file."""
     read_safetensors(adapter_dir / ADAPTER_FILE)  # names a damaged file before peft reads it
+    config = adapter_dir / ADAPTER_CONFIG
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{config}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config}: damaged ({error})") from None
     try:
         return PeftModel.from_pretrained(llm, adapter_dir)
     except (RuntimeError, ValueError, OSError) as error:
@@ -196,29 +205,32 @@ def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
         raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None
 
 
-_BASE_FLAGS = {"language_model": "language_model", "vision": "vision_model"}
+def checkpoint_sources(
+    checkpoint: str | Path, language_model: str | None = None, vision_model: str | None = None
+) -> dict[str, str | None]:
+    """Every local path loading `checkpoint` reads: itself and its bases (recorded, or the
+    overrides); a command writing an output must not replace any of them."""
+    description = read_description(checkpoint)
+    return {
+        "the checkpoint": str(checkpoint),
+        "the base language model": language_model
+        or description["language_model"].get("language_model"),
+        "the vision tower": vision_model or description["vision"].get("vision_model"),
+    }
 
 
-def check_base(
-    description: dict, vlm: VisionLanguageModel, *, llm: bool, allow_other: bool, where: str = ""
-) -> None:
-    """Compare the loaded base weights with the fingerprint recorded at training time; refuse
-    (or, with `allow_other`, warn loudly) on a mismatch, naming the path trained on."""
-    recorded = description.get("base_fingerprint") or {}
-    parts = {"vision": vlm.vision, **({"language_model": vlm.llm} if llm else {})}
-    for part, module in parts.items():
-        got = weights_fingerprint(module)
-        if part not in recorded or got == recorded[part]:
-            continue
-        flag = _BASE_FLAGS[part]
-        trained_on = (description.get(part) or {}).get(flag)
-        message = (
-            f"{where}trained on other {part} weights (fingerprint {recorded[part]}, these give "
-            f"{got}; trained on --{flag} {trained_on}): its answers would be confident garbage"
-        )
-        if not allow_other:
-            raise CheckpointError(f"{message}. Pass --allow_other_base to load it anyway")
-        logger.warning("%s (--allow_other_base given: loading anyway)", message.upper())
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """The content fingerprint of a checkpoint's model: its description (which holds the base
+    weights' fingerprints) and trained weights - not its optimizer or checkpoint-N/ folders.
+    Weight files over 64 MiB are sampled (a retrained model changes every block)."""
+    checkpoint = Path(checkpoint)
+    parts = [VLM_CONFIG, PROJECTOR_FILE, ADAPTER_DIR, LLM_DIR]
+    digests = [
+        f"{name}:{path_fingerprint(checkpoint / name, sample_over=1 << 26)}"
+        for name in parts
+        if (checkpoint / name).exists()
+    ]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 def load_vlm(
@@ -243,6 +255,8 @@ def load_vlm(
     language.dtype, language.bits = dtype, bits
     weights = description["weights"]
     own_llm = LLM_DIR in weights
+    if ADAPTER_DIR in weights and not allow_other_base:
+        check_not_merged_base(language_model, checkpoint)
     llm_path = str(checkpoint / LLM_DIR) if own_llm else language_model
     llm, tokenizer = load_language_model(language, path=llm_path)
     vision_config = VisionConfig(**description["vision"])

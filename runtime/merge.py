@@ -5,8 +5,9 @@
 (`python -m model.merge` is the same command under its first name.) The merged LLM is written in
 the original checkpoint layout (for Qwen-7B: `transformer.h.N...` tensor names), next to the
 projector and the vision settings; `test.py --model_weights outputs/run1-merged` then runs it. The
-output is built in a hidden sibling directory and renamed into place once complete; a non-empty
-destination is refused unless `--overwrite`.
+output is built in a hidden sibling directory and swapped into place once complete
+(`runtime/outputs.py`); a non-empty destination is refused unless `--overwrite`, and one whose
+replacement would delete what the merge reads (the checkpoint, its run directory, its base) always.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from model.checkpoint import (
     PROJECTOR_FILE,
     VLM_CONFIG,
     CheckpointError,
+    checkpoint_sources,
     load_vlm,
+    readable_weights,
     save_projector_weights,
 )
 from model.config import DTYPE_NAMES
 from runtime.cli import add_checkpoint_flags, checkpoint_overrides
-from runtime.outputs import atomic_directory, check_destination
+from runtime.outputs import atomic_directory, check_destination, check_not_a_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,8 @@ def merge_checkpoint(
     weights come from the original checkpoint rather than from dequantized 4-bit ones.
     """
     check_destination(out_dir, overwrite=overwrite, flag="OUT_DIR")
-    if Path(out_dir).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"OUT_DIR {out_dir}: is the checkpoint itself; choose another directory")
+    overrides = {k: load_kwargs.get(k) for k in ("language_model", "vision_model")}
+    check_not_a_source(out_dir, checkpoint_sources(checkpoint, **overrides), flag="OUT_DIR")
     vlm, tokenizer, description = load_vlm(checkpoint, **{**load_kwargs, "bits": 16})
     if isinstance(vlm.llm, PeftModel):
         vlm.llm = vlm.llm.merge_and_unload()
@@ -59,6 +62,7 @@ def merge_checkpoint(
             "merged_from": str(Path(checkpoint).resolve()),
         }
         (staging / VLM_CONFIG).write_text(json.dumps(merged, indent=2), encoding="utf-8")
+        readable_weights(staging)
     logger.info("merged %s into %s", checkpoint, out_dir)
     return Path(out_dir)
 

@@ -25,11 +25,13 @@ import yaml
 from peft import PeftModel, set_peft_model_state_dict
 from transformers.trainer_utils import get_last_checkpoint
 
+from identity.fingerprint import path_fingerprint
 from model.checkpoint import (
     ADAPTER_DIR,
     ADAPTER_FILE,
     LLM_DIR,
     PROJECTOR_FILE,
+    VLM_CONFIG,
     CheckpointError,
     check_base,
     load_projector_weights,
@@ -38,11 +40,12 @@ from model.checkpoint import (
     read_safetensors,
 )
 from model.vlm import VisionLanguageModel
-from runtime.config import RunConfig, TrainingConfig
+from runtime.config import DataConfig, RunConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 TRAIN_CONFIG = "train_config.yaml"
+TRAINING_DATA = "training_data"  # vlm_config.json's record of the data file trained on
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -128,6 +131,7 @@ def check_resume(config: RunConfig, checkpoint: str | Path, *, world_size: int =
     _check_weight_files(checkpoint, config.lora.train_mode)
     if not exact:
         return
+    check_same_data(config.data, checkpoint)
     state = checkpoint / TRAINER_STATE
     archives = [
         checkpoint / SCHEDULER_FILE,
@@ -186,6 +190,34 @@ def check_same_settings(config: RunConfig, checkpoint: Path, *, exact: bool) -> 
         way_out += f", or {WEIGHTS_ONLY_HINT}"
     raise ValueError(
         f"resuming {checkpoint} with other settings than its {path.name}: {diffs}; {way_out}"
+    )
+
+
+def data_identity(data: DataConfig) -> dict:
+    """The training data as a run records it: its path and its content fingerprint (which also
+    covers the record order, the order an exact resume skips samples in)."""
+    path = Path(data.data_path)
+    fingerprint = path_fingerprint(path) if path.is_file() else None
+    return {"data_path": str(path.resolve()), "fingerprint": fingerprint}
+
+
+def check_same_data(data: DataConfig, checkpoint: Path) -> None:
+    """An exact resume skips the samples already trained on by position: in another or an edited
+    data file those positions hold other samples. Refused, naming both files."""
+    description = checkpoint / VLM_CONFIG
+    recorded = read_description(checkpoint).get(TRAINING_DATA) if description.is_file() else None
+    if recorded is None:
+        logger.warning("%s records no training data fingerprint (an older run): cannot check "
+                       "that --data_path %s is the data it trained on", checkpoint, data.data_path)  # fmt: skip
+        return
+    current = data_identity(data)
+    if current["fingerprint"] == recorded["fingerprint"]:
+        return
+    raise ValueError(
+        f"--data_path {data.data_path}: not the data {checkpoint} trained on ({recorded['data_path']}"
+        f", content {recorded['fingerprint']}; this file's is {current['fingerprint']}): an exact "
+        f"resume would skip other samples than the ones trained on; pass that data, or "
+        f"{WEIGHTS_ONLY_HINT}"
     )
 
 

@@ -5,8 +5,9 @@ second run started into the same directory would replace some of them (its own `
 and keep others (the old run's `checkpoint-4`), and `--resume_from_checkpoint latest` would then
 continue the old run. So `claim_output_dir`, before anything is written:
 
-- locks the directory (an exclusive `flock` on `.train.lock`, held for the whole run by the first
-  process, `RANK` 0 under torchrun), so a concurrent run into it stops at once;
+- locks the directory (an exclusive POSIX record lock on `.train.lock`, held for the whole run by
+  the first process, `RANK` 0 under torchrun, never by its loader workers), so a concurrent run
+  into it stops at once, naming the process that holds the lock;
 - refuses a directory that holds another run's checkpoints or trained weights, unless this run
   resumes one of its checkpoints exactly, or `--overwrite_output_dir` asks to delete them first.
 
@@ -17,11 +18,13 @@ make a directory another run's: every run writes them at its start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +35,8 @@ from runtime.resume import resolve_resume
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".train.lock"
+# struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t)
+_FLOCK = "hhqqi"
 _CHECKPOINT = re.compile(r"^(tmp-)?checkpoint-\d+$")
 # What a run writes besides its checkpoints; `--overwrite_output_dir` deletes these too, so a new
 # run that dies early cannot leave the old run's final weights next to its own config
@@ -51,25 +56,49 @@ def _step(name: str) -> int:
     return int(name.rsplit("-", 1)[1])
 
 
+def _lock_holder(handle) -> int | None:
+    """The pid holding a conflicting lock on `handle`'s file (F_GETLK asks the kernel), or None."""
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    answer = struct.unpack(_FLOCK, fcntl.fcntl(handle, fcntl.F_GETLK, query))
+    return answer[4] if answer[0] != fcntl.F_UNLCK else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _exclusive_lock(out: Path) -> Iterator[None]:
-    """Holds an exclusive lock on `out` until the block ends; the kernel drops it if the process
-    dies, so a killed run never leaves a stale lock behind."""
+    """Holds an exclusive lock on `out` until the block ends.
+
+    A POSIX record lock (`lockf`): it belongs to this process alone - the DataLoader workers it
+    forks do not inherit it (an `flock` they would share, and hold after a kill -9 of the run
+    until they notice) - and the kernel drops it when the process dies, so a killed run never
+    leaves a stale lock. Closing any descriptor of the lock file drops it too: only this one opens
+    it."""
     path = out / LOCK_FILE
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held across the yield
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = _lock_holder(handle)
+            who = f"pid {holder}" if holder and _alive(holder) else "a process"
             raise ValueError(
-                f"--output_dir {out}: another training run (pid {holder}) is writing into it; "
+                f"--output_dir {out}: another training run ({who}) is writing into it; "
                 "wait for it to finish or choose another directory"
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(str(os.getpid()))  # for people; the lock itself names its holder
         handle.flush()
         yield
     finally:

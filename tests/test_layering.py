@@ -2,13 +2,14 @@
 
 Layers, lowest first; a package may import only itself and the packages it lists:
 
+    identity             content fingerprints; nothing of the project, no torch at import
     dataprocess          raw corpora -> records; no torch, nothing else of the project at import
     qwen, visual         the LLM and the vision towers
     dataset              dataprocess, qwen
     model                qwen, visual (the network and its checkpoint format; never dataset/)
     runtime              everything above (the run layer: training, inference, applications)
 
-Imports under `if TYPE_CHECKING:` serve annotations only and are not counted. The
+Every package may also import `identity`. Imports under `if TYPE_CHECKING:` serve annotations only and are not counted. The
 `dataprocess` subcommands that need the model stack (`stats`, `features`) import it inside the
 function that runs them, so importing `dataprocess` never imports torch; those deferred imports
 may reach qwen, visual and dataset, never model or runtime.
@@ -20,15 +21,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("dataprocess", "dataset", "visual", "qwen", "model", "runtime")
+PROJECT = ("identity", "dataprocess", "dataset", "visual", "qwen", "model", "runtime")
 ALLOWED = {
-    "dataprocess": {"dataprocess"},
-    "qwen": {"qwen"},
-    "visual": {"visual"},
-    "dataset": {"dataset", "dataprocess", "qwen"},
-    "model": {"model", "qwen", "visual"},
+    "identity": {"identity"},
+    "dataprocess": {"dataprocess", "identity"},
+    "qwen": {"qwen", "identity"},
+    "visual": {"visual", "identity"},
+    "dataset": {"dataset", "dataprocess", "qwen", "identity"},
+    "model": {"model", "qwen", "visual", "identity"},
     "runtime": set(PROJECT),
 }
+NO_TORCH = ("identity", "dataprocess")  # importable anywhere without loading the model stack
 DEFERRED_ALLOWED = {**ALLOWED, "dataprocess": {"dataprocess", "qwen", "visual", "dataset"}}
 MODEL_STACK = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "open_clip")
 # The merge command's first name: `python -m model.merge` runs `runtime.merge` (documented there).
@@ -67,8 +70,8 @@ def violations(root: Path) -> list[str]:
                 when = "at import" if at_import else "in a function"
                 if name in PROJECT and name not in allowed and (relative, name) not in EXCEPTIONS:
                     found.append(f"{relative}: imports {name} {when}")
-                if package == "dataprocess" and at_import and name in MODEL_STACK:
-                    found.append(f"{relative}: imports {name} at import (dataprocess has no torch)")
+                if package in NO_TORCH and at_import and name in MODEL_STACK:
+                    found.append(f"{relative}: imports {name} at import ({package} has no torch)")
     return found
 
 
@@ -85,7 +88,10 @@ def test_a_planted_violation_is_caught(tmp_path):
     )
     (tmp_path / "qwen" / "chat.py").write_text("from runtime.inference import InferenceSession\n")
     (tmp_path / "dataset" / "ok.py").write_text("from qwen import QWenTokenizer\n")
+    (tmp_path / "identity" / "digest.py").write_text("import torch\nfrom visual import tower\n")
     assert violations(tmp_path) == [
+        "identity/digest.py: imports torch at import (identity has no torch)",
+        "identity/digest.py: imports visual at import",
         "dataprocess/build.py: imports torch at import (dataprocess has no torch)",
         "dataprocess/build.py: imports model in a function",
         "qwen/chat.py: imports runtime at import",
@@ -93,13 +99,14 @@ def test_a_planted_violation_is_caught(tmp_path):
     ]
 
 
-def test_importing_dataprocess_does_not_import_torch():
+def test_importing_dataprocess_or_identity_does_not_import_torch():
     import subprocess
     import sys
 
     modules = sorted(
         p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
-        for p in (ROOT / "dataprocess").rglob("*.py")
+        for package in NO_TORCH
+        for p in (ROOT / package).rglob("*.py")
     )
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules)
     code += f"print(sorted(m for m in sys.modules if m.split('.')[0] in {MODEL_STACK!r}))"

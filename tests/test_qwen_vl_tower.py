@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from demo.tiny_towers import TINY_QWEN_VL, save_tiny_qwen_vl
+from identity.fingerprint import module_fingerprint
 from visual import load_vision_tower
 from visual.feature_cache import tower_cache_settings
 from visual.qwen_vl import extract
@@ -371,6 +372,7 @@ def test_frozen_and_rebuilt_from_its_settings(release_dirs):
     rebuilt = load_vision_tower(**tower.settings)
     assert torch.equal(rebuilt(pixels), features)
     assert tower_cache_settings(tower) == {
+        "weights": module_fingerprint(tower)["all"],
         "library": "qwen_vl",
         "name_or_path": str(release_dirs["safetensors"].resolve()),
         "pretrained": None,

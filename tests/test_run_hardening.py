@@ -7,10 +7,11 @@ with another message. The tests that train or start `train.py` are marked slow.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,14 +113,64 @@ def test_a_weights_only_run_needs_its_own_dir(forged):
         train.main(argv)
 
 
-def test_a_concurrent_run_into_the_same_dir_stops_at_once(tmp_path):
-    tmp_path.joinpath(LOCK_FILE).write_text(str(os.getpid()))
-    with open(tmp_path / LOCK_FILE) as held:  # what the running run holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ValueError, match=f"--output_dir {tmp_path}: another training run"):
-            train.main(flags(tmp_path))
+HOLD_LOCK = (
+    "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+    "print(os.getpid(), flush=True); time.sleep(120)"
+)  # what a running run holds: a POSIX record lock of its own process
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(out: Path):
+    """Yields the pid of a live process that holds `out`'s run lock, until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert int(holder.stdout.readline()) == holder.pid
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_concurrent_run_into_the_same_dir_stops_at_once_naming_the_holder(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    tmp_path.joinpath(LOCK_FILE).write_text(dead.stdout.strip())  # a killed run's pid, stale
+    refusal = pytest.raises(ValueError, match="another training run")
+    with lock_held_by_another_process(tmp_path) as pid, refusal as refused:
+        train.main(flags(tmp_path))
+    assert f"--output_dir {tmp_path}: another training run (pid {pid})" in str(refused.value)
     with pytest.raises(FileNotFoundError, match="--language_model"):  # released: the run starts
         train.main(flags(tmp_path))
+
+
+FORK_AND_DIE = """
+import os, sys, time
+from pathlib import Path
+from runtime.run_dir import _exclusive_lock
+with _exclusive_lock(Path(sys.argv[1])):
+    if os.fork() == 0:  # a loader worker: outlives a kill -9 of the run by seconds
+        time.sleep(60)
+        os._exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_hold_its_lock(tmp_path):
+    run = subprocess.Popen([sys.executable, "-c", FORK_AND_DIE, str(tmp_path)], cwd=REPO,
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert run.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"another training run \\(pid {run.pid}\\)"):
+            train.main(flags(tmp_path))  # alive: refused
+        run.kill()  # SIGKILL the run; its forked child lives on
+        run.wait()
+        with pytest.raises(FileNotFoundError, match="--language_model"):  # at once: not refused
+            train.main(flags(tmp_path))
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
 
 
 # --- resuming: exact or refused -----------------------------------------------------------------
@@ -245,18 +296,9 @@ def run_train_py(*args, cwd: Path = REPO) -> str:
 
 @pytest.mark.slow
 def test_a_run_into_a_locked_dir_exits_2_naming_it(tmp_path):
-    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
-    hold += "print('held', flush=True); time.sleep(120)"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", hold, str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(tmp_path) as pid:
         line = run_train_py(*flags(tmp_path))
-    finally:
-        holder.kill()
-        holder.wait()
-    assert f"--output_dir {tmp_path}: another training run" in line
+    assert f"--output_dir {tmp_path}: another training run (pid {pid})" in line
 
 
 @pytest.mark.slow

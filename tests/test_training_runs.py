@@ -112,7 +112,10 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(run_flags, tmp_path):
+    """With loader workers, as by default: after a kill -9 they live on for seconds, and the
+    resume, started at once, must not take them for a run still writing (issue 31)."""
     steps = dict(max_steps=6, save_steps=2, learning_rate=5e-3, feature_proj_lr=5e-3)
+    steps["dataloader_num_workers"] = 2
     reference = tmp_path / "reference"
     train.main(run_flags(reference, **steps))
 

@@ -7,7 +7,8 @@ decoding the image and running the tower each step. A cache directory holds:
 - `features.npy`: `[n_images, N, Dv]` float16 or float32, written incrementally as a numpy
   memmap; row i belongs to `index.json["images"][i]`.
 - `index.json`: the tower settings the features depend on (library, model, pretrained tag,
-  feature layer, aspect ratio, N, Dv, image size), the storage dtype, and the ordered list of
+  feature layer, aspect ratio, N, Dv, image size, and the fingerprint of its weights, so new
+  weights at the same path are not read as the old ones), the storage dtype, and the ordered list of
   image paths (relative to the image folder, as the records spell them).
 
 `encode_feature_cache` writes into `<out>.partial/` and renames it to `<out>` only when complete,
@@ -31,13 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from identity.fingerprint import module_fingerprint
 from visual.image_io import ImageLoadError, load_image
 from visual.preprocessing import ImagePreprocessor
 from visual.tower import VisionTower
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tower's weights fingerprint in the settings
 FEATURES_FILE, INDEX_FILE = "features.npy", "index.json"
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 # Tower settings a cache must agree on with the model that trains from it.
@@ -50,6 +52,7 @@ MATCHED_SETTINGS = (
     "num_image_tokens",
     "hidden_size",
     "image_size",
+    "weights",  # the tower's content (identity.fingerprint): new weights at the same path differ
 )
 
 
@@ -67,6 +70,7 @@ def tower_cache_settings(tower: VisionTower) -> dict[str, Any]:
         "num_image_tokens": tower.num_image_tokens,
         "hidden_size": tower.hidden_size,
         "image_size": tower.image_size,
+        "weights": module_fingerprint(tower)["all"],
     }
     settings["name_or_path"] = _normalise_model_name(settings.get("name_or_path"))
     return {key: settings.get(key) for key in MATCHED_SETTINGS}
@@ -249,7 +253,8 @@ class FeatureCache:
         return [p for p in paths if p not in self._rows]
 
     def check_matches(self, settings: Mapping[str, Any]) -> None:
-        """Raise ValueError naming each setting where this cache and `settings` differ.
+        """Raise ValueError naming each setting where this cache and `settings` differ (`weights`:
+        the tower's weights changed, or were loaded in another dtype than the cache's).
 
         `settings` is `tower_cache_settings(tower)` of the model that will read the cache.
         """

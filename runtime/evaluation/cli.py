@@ -106,7 +106,10 @@ def load_questions(args: argparse.Namespace) -> tuple[list, list[dict]]:
 
 
 def describe_run(args: argparse.Namespace, settings) -> dict:
-    """What the answers depend on (not --limit or --batch_size: greedy answers do not change)."""
+    """What the answers depend on (not --limit or --batch_size: greedy answers do not change):
+    paths, and the content of the model and the data (retrained or edited at the same path)."""
+    from identity.fingerprint import path_fingerprint
+    from model.checkpoint import checkpoint_fingerprint
 
     def absolute(path):
         return str(Path(path).resolve()) if path else None
@@ -114,6 +117,8 @@ def describe_run(args: argparse.Namespace, settings) -> dict:
     return {
         "benchmark": args.benchmark,
         "data": absolute(args.data),
+        "data_content": path_fingerprint(args.data),
+        "model_content": checkpoint_fingerprint(args.model_weights) if args.model_weights else None,
         "image_folder": absolute(args.image_folder),
         "model_weights": absolute(args.model_weights),
         "answers_file": absolute(args.answers),

@@ -3,8 +3,9 @@
 Each batch's answers are appended (`{"question_id", "answer"}` per line) and flushed to disk
 before the next batch starts, so a killed run loses at most the batch in flight; a rerun reads
 the file back, drops a half-written last line, and answers only the questions not in it.
-`run.json` records what the answers belong to (benchmark, data, model, generation settings); a
-rerun with other settings is refused instead of mixing two runs in one file.
+`run.json` records what the answers belong to (benchmark, data and model by path and by content
+fingerprint, generation settings); a rerun with other settings, or with a model retrained or data
+edited at the same path, is refused instead of mixing two runs in one file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ logger = logging.getLogger(__name__)
 
 ANSWERS_FILE = "answers.jsonl"
 RUN_FILE = "run.json"
+# run.json keys that name contents rather than settings: what a difference there means
+_CHANGES = {
+    "model_content": "model_content: the model at --model_weights changed, e.g. retrained in place",
+    "data_content": "data_content: the --data files changed",
+}
 
 
 def read_answers(path: Path, *, repair: bool = False) -> dict[str, str]:
@@ -64,9 +70,11 @@ def check_run(output_dir: Path, description: dict, *, overwrite: bool) -> None:
             if not overwrite:
                 changed = sorted(k for k in {*previous, *description}
                                  if previous.get(k) != description.get(k))  # fmt: skip
+                what = ", ".join(_CHANGES.get(key, key) for key in changed)
                 raise ValueError(
                     f"--output_dir {output_dir}: holds answers of another run (different "
-                    f"{', '.join(changed)}); choose another directory or pass --overwrite"
+                    f"{what}); its answers and this run's would be scored together: choose "
+                    "another directory or pass --overwrite (discards them)"
                 )
             (output_dir / ANSWERS_FILE).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)

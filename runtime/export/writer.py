@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from dataset.conversation import chat_stop_token_ids
-from model.checkpoint import load_vlm, read_description
+from model.checkpoint import checkpoint_sources, load_vlm, read_description, readable_weights
 from model.config import DTYPES
 from qwen import QWenLMHeadModel
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
@@ -29,7 +29,7 @@ from runtime.export.llava import (
 )
 from runtime.export.processor import llava_processor
 from runtime.export.tokenizer import export_tokenizer
-from runtime.outputs import atomic_directory, check_destination
+from runtime.outputs import atomic_directory, check_destination, check_not_a_source
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def export_checkpoint(
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     checkpoint = Path(checkpoint)
     check_destination(out_dir, overwrite=overwrite, flag="OUT_DIR")
-    if Path(out_dir).resolve() == checkpoint.resolve():
-        raise ValueError(f"OUT_DIR {out_dir}: is the checkpoint itself; choose another directory")
+    overrides = {k: load_kwargs.get(k) for k in ("language_model", "vision_model")}
+    check_not_a_source(out_dir, checkpoint_sources(checkpoint, **overrides), flag="OUT_DIR")
     check_description(read_description(checkpoint), checkpoint)
     vlm, tokenizer, description = load_vlm(
         checkpoint, **{**load_kwargs, "dtype": dtype, "bits": 16}
@@ -106,8 +106,7 @@ def export_checkpoint(
         state = saved_layout(model.state_dict())
         model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
-        for shard in staging.glob("*.safetensors"):  # written 0600 via a temporary file
-            shard.chmod((staging / "config.json").stat().st_mode)
+        readable_weights(staging)
         (staging / "README.md").write_text(readme(checkpoint, dtype, notes), encoding="utf-8")
     for note in notes:
         logger.warning("export note: %s", note)
