@@ -191,8 +191,10 @@ def _mean(flags: list[bool]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    from runtime.cli import checkpoint_overrides, silence_known_warnings
+
+    silence_known_warnings()
     args = parse_args(argv)
-    from runtime.cli import checkpoint_overrides
     from runtime.inference import GenerationSettings, InferenceSession
 
     settings = GenerationSettings.from_args(args)

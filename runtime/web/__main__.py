@@ -54,6 +54,9 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from runtime.cli import silence_known_warnings
+
+    silence_known_warnings()
     args = parse_args(argv)
     auth = parse_auth(args.auth)
     if args.queue_size < 1:
