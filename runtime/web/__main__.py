@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
     try:
         main()
     except (ValueError, FileNotFoundError) as error:  # user mistakes: one clear line
