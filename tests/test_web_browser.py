@@ -163,6 +163,13 @@ def test_a_grounding_answer_is_drawn_and_a_failure_is_an_error_in_the_page(shape
     *_, (messages, kept, _, _, status) = respond(True, turns, 32, 0.0, 1.0)
     assert kept == turns and "Generation failed: RuntimeError: out of memory" in status
     assert [update for update in respond(False, turns, 32, 0.0, 1.0)] == [(gr.skip(),) * 5]
+    add_turn, _, drop_answer = web_app._handlers(fake)
+    *_, status, pending = add_turn(
+        {"text": "Why?"}, "big.png (12.0 MB, over the 10.0 MB limit)", []
+    )
+    assert "Not sent: big.png" in status and pending is False
+    *_, status, pending = drop_answer([])
+    assert "Nothing to regenerate yet." in status and pending is False
 
 
 def test_uploads_are_checked(tmp_path, monkeypatch):
