@@ -85,12 +85,27 @@ def run_prompts(args, session) -> None:
         draw_boxes(args, image and Path(image).stem, image, reply)
         if not args.chat:
             continue
-        for turn, line in enumerate(sys.stdin, 2):  # each further line: the next user turn
+        for turn, text in enumerate(follow_ups(sys.stdin), 2):
             roles += ["assistant", "user"]
-            contents += [reply, line.rstrip("\n")]
+            contents += [reply, text]
             reply = session.answer(roles, contents, picture)
             print(reply, flush=True)
             draw_boxes(args, image and f"{Path(image).stem}_turn{turn}", image, reply)
+
+
+def follow_ups(lines):
+    """--chat's further user turns, one per line: blank lines are skipped, and a line with an
+    `<image>` marker is not sent (images come only from --image_path) - the chat goes on."""
+    from dataprocess.schema import IMAGE_MARKER
+
+    for line in lines:
+        text = line.strip()
+        if IMAGE_MARKER in text:
+            logger.warning(
+                "not sent: %s in a follow-up; images are given with --image_path", IMAGE_MARKER
+            )
+        elif text:
+            yield text
 
 
 def draw_boxes(args, name: str | None, image, reply: str) -> None:
@@ -176,8 +191,10 @@ def _mean(flags: list[bool]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    from runtime.cli import checkpoint_overrides, silence_known_warnings
+
+    silence_known_warnings()
     args = parse_args(argv)
-    from runtime.cli import checkpoint_overrides
     from runtime.inference import GenerationSettings, InferenceSession
 
     settings = GenerationSettings.from_args(args)

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.cli import silence_known_warnings
 from runtime.config import add_config_flags, flag_overrides, load_config
 from runtime.stopping import TrainingStopped, explained_stops
 
@@ -76,6 +77,7 @@ def check_prompt_flags(config) -> None:
 def main(argv: list[str] | None = None):
     """Trains; returns the Trainer (its `state.log_history` holds the losses). Everything that
     can be refused (flags, output directory, the checkpoint to resume) is, before a model loads."""
+    silence_known_warnings()
     config = parse_args(argv)
     check_prompt_flags(config)
     from runtime.engines import check_engine_device

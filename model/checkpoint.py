@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -38,6 +37,7 @@ from model.base_check import (  # noqa: F401 - CheckpointError and VLM_CONFIG ar
 )
 from model.builder import compose_vlm, load_language_model, load_vision
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
+from model.peft_wrapping import quiet_peft_wrapping
 from model.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ def save_trainable(
     out.mkdir(parents=True, exist_ok=True)
     save_projector_weights(vlm, out, gathered)
     weights = [PROJECTOR_FILE]
+    from peft import PeftModel  # imported where used: it imports bitsandbytes (runtime/cli.py)
+
     adapter = isinstance(vlm.llm, PeftModel)
     if adapter or any(p.requires_grad for p in vlm.llm.parameters()):
         folder = ADAPTER_DIR if adapter else LLM_DIR
@@ -188,8 +190,11 @@ def load_projector_weights(vlm: VisionLanguageModel, checkpoint: str | Path) -> 
     load_state(vlm.projector, read_safetensors(path), path)
 
 
-def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
-    """The base LLM wrapped with the trained LoRA adapter, or CheckpointError naming the file."""
+def load_adapter(llm: nn.Module, adapter_dir: Path) -> nn.Module:
+    """The base LLM wrapped with the trained LoRA adapter (a `PeftModel`), or CheckpointError
+    naming the file."""
+    from peft import PeftModel
+
     read_safetensors(adapter_dir / ADAPTER_FILE)  # names a damaged file before peft reads it
     config = adapter_dir / ADAPTER_CONFIG
     try:
@@ -199,7 +204,8 @@ def load_adapter(llm: nn.Module, adapter_dir: Path) -> PeftModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config}: damaged ({error})") from None
     try:
-        return PeftModel.from_pretrained(llm, adapter_dir)
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(llm, adapter_dir)
     except (RuntimeError, ValueError, OSError) as error:
         detail = str(error).split("\n", 1)[-1].strip()
         raise CheckpointError(f"{adapter_dir}: does not fit the base LLM: {detail}") from None

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from model.config import LoraSettings
+from model.peft_wrapping import quiet_peft_wrapping
 from model.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def configure_trainable(
             modules_to_save=module_names(settings.modules_to_save, "--modules_to_save"),
             bias="none",
         )
-        vlm.llm = get_peft_model(vlm.llm, lora)
+        with quiet_peft_wrapping():
+            vlm.llm = get_peft_model(vlm.llm, lora)
     elif settings.train_mode == "projector+llm":
         vlm.llm.requires_grad_(True)
     vlm.vision.requires_grad_(False)

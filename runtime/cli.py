@@ -1,9 +1,11 @@
 """The flags every command that loads a trained checkpoint shares (test.py, merge, export,
-evaluation, the web chat), spelled once: base-path overrides and the base-weights check."""
+evaluation, the web chat), spelled once: base-path overrides and the base-weights check; and the
+model stack's known noise, silenced by each entry point's main()."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,3 +35,23 @@ def checkpoint_overrides(args: argparse.Namespace) -> dict:
         "vision_model": args.vision_model,
         "allow_other_base": args.allow_other_base,
     }
+
+
+# `import peft` imports bitsandbytes, whose CPU backend warns at import that the optional `kernels`
+# package is missing - in every command that touches the model stack, `--help` included. Its 4-bit
+# CPU matmul is not used here (QLoRA needs CUDA), so the one message is dropped; others still show.
+_BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelsHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_KERNELS_HINT)
+
+
+def silence_known_warnings() -> None:
+    """Drop bitsandbytes' "pip install kernels" hint; called first in each entry point's main()
+    (before peft is imported), never at import time. Calling it again changes nothing."""
+    log = logging.getLogger(_BITSANDBYTES_CPU_LOGGER)
+    if not any(isinstance(f, _DropKernelsHint) for f in log.filters):
+        log.addFilter(_DropKernelsHint())

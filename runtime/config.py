@@ -186,6 +186,12 @@ def validate_config(config: RunConfig) -> None:
     validate_model_config(config.language_model, config.vision, config.projector, config.lora)
     check_choice("report_to", config.training.report_to, REPORT_TO)
     check_engines(config.training.deepspeed, config.training.fsdp, bits=config.language_model.bits)
+    steps = config.training.max_steps
+    if steps == 0 or steps < -1:  # the Trainer reads any value < 1 as "unset" (0 trained a step)
+        raise ValueError(
+            f"--max_steps must be a positive number of optimizer steps, or -1 to train "
+            f"--num_train_epochs epochs; got {steps}"
+        )
     cache = config.data.feature_cache
     if cache is not None and not Path(cache).is_dir():
         raise ValueError(

@@ -18,8 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-from peft import PeftModel
-
 from model.checkpoint import (
     LLM_DIR,
     PROJECTOR_FILE,
@@ -31,7 +29,7 @@ from model.checkpoint import (
     save_projector_weights,
 )
 from model.config import DTYPE_NAMES
-from runtime.cli import add_checkpoint_flags, checkpoint_overrides
+from runtime.cli import add_checkpoint_flags, checkpoint_overrides, silence_known_warnings
 from runtime.outputs import atomic_directory, check_destination, check_not_a_source
 
 logger = logging.getLogger(__name__)
@@ -45,6 +43,8 @@ def merge_checkpoint(
     The base LLM is loaded in 16/32-bit even when training used 4-bit QLoRA, so the merged
     weights come from the original checkpoint rather than from dequantized 4-bit ones.
     """
+    from peft import PeftModel  # imported where used: it imports bitsandbytes (runtime/cli.py)
+
     check_destination(out_dir, overwrite=overwrite, flag="OUT_DIR")
     overrides = {k: load_kwargs.get(k) for k in ("language_model", "vision_model")}
     check_not_a_source(out_dir, checkpoint_sources(checkpoint, **overrides), flag="OUT_DIR")
@@ -68,6 +68,7 @@ def merge_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description="Merge LoRA adapters into the base LLM.")
     parser.add_argument("checkpoint", help="a training output or checkpoint directory")
     parser.add_argument("out_dir", help="where the merged model is written (new or empty)")

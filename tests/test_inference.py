@@ -126,6 +126,24 @@ def test_chat_answers_every_follow_up_with_the_whole_history(
     assert "Which shape?" in prompts[2] and prompts[2].startswith(prompts[1])
 
 
+def test_chat_skips_blank_lines_and_keeps_going_after_an_image_marker(
+    checkpoint, shapes_dir, monkeypatch, caplog
+):
+    recorders = recorded_session(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \nAnd <image> this?\nWhich shape?\n"))
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    prompt_test.main(
+        ["--model_weights", str(checkpoint), "--image_path", str(image), "--chat",
+         "--max_new_tokens", "3"]
+    )  # fmt: skip
+    prompts = recorders[0].prompts
+    assert len(prompts) == 2 and prompts[1].endswith(
+        "Which shape?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "<|im_start|>user\n<|im_end|>" not in prompts[1]  # no empty turn
+    assert "not sent: <image> in a follow-up; images are given with --image_path" in caplog.text
+
+
 def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_path, monkeypatch):
     recorders = recorded_session(monkeypatch)
     image = sorted((shapes_dir / "images").iterdir())[0].relative_to(shapes_dir).as_posix()

@@ -107,6 +107,12 @@ def test_contradictory_flags_are_refused(forged, extra, message):
         train.main(flags(forged, overwrite_output_dir=True, **extra))
 
 
+@pytest.mark.parametrize("steps", [0, -2])
+def test_max_steps_that_train_nothing_are_refused(tmp_path, steps):
+    with pytest.raises(ValueError, match=f"--max_steps must be a positive .*; got {steps}$"):
+        train.main(flags(tmp_path / "out", max_steps=steps))
+
+
 def test_a_weights_only_run_needs_its_own_dir(forged):
     argv = flags(forged, resume_from_checkpoint="latest", resume_weights_only=True)
     with pytest.raises(ValueError, match="starts a new run at step 0.*choose a new --output_dir"):

@@ -3,8 +3,10 @@
 The browser tests serve a tiny random checkpoint on a free localhost port, upload a held-out
 shapes image, ask its question and read the streamed answer from the page: it must equal
 test.py's answer. Two tabs asking at once each get their own answer (the queue runs one at a
-time); a non-image and a too-large upload each show a message and the server keeps answering.
-A screenshot goes to the test's tmp dir and to outputs/web_test_screenshot.png.
+time); a non-image and a too-large upload each show a message, the question asked after them is
+refused rather than sent without its image, and the server keeps answering. A failed answer is
+said on the status line, which covers nothing and stays. Screenshots go to the test's tmp dir and
+to outputs/web_test_*.png.
 
 They need Debian's `chromium` and `chromium-driver` (no browser download here) and are skipped,
 loudly, without them.
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -45,6 +49,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 MAX_NEW_TOKENS = 8
 SCREENSHOT = REPO / "outputs" / "web_test_screenshot.png"
 GROUNDING_SCREENSHOT = REPO / "outputs" / "web_test_grounding.png"
+ERROR_SCREENSHOT = REPO / "outputs" / "web_test_error.png"
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +149,7 @@ def test_a_grounding_answer_is_drawn_and_a_failure_is_an_error_in_the_page(shape
     )
     _, respond, _ = web_app._handlers(fake)
     turns = [{"role": "user", "text": question, "images": [str(image)]}]
-    *_, (messages, answered, picture, legend) = respond(turns, 32, 0.0, 1.0)
+    *_, (messages, answered, picture, legend, status) = respond(True, turns, 32, 0.0, 1.0)
     assert (
         answered[-1]["text"]
         == "<ref>the circle</ref><box>(100,100),(500,600)</box> and <box>(1,2)</box>"
@@ -153,9 +158,18 @@ def test_a_grounding_answer_is_drawn_and_a_failure_is_an_error_in_the_page(shape
     assert isinstance(picture, Image.Image) and min(picture.size) >= 448
     assert legend.splitlines() == ["1: the circle (100,100),(500,600)",
                                    "not drawn: box '(1,2)' is not (x1,y1),(x2,y2)"]  # fmt: skip
-    fake.fail = True
-    with pytest.raises(gr.Error, match="Generation failed: RuntimeError: out of memory"):
-        list(respond(turns, 32, 0.0, 1.0))
+    assert status == ""
+    fake.fail = True  # said on the status line; the question stays, for Regenerate
+    *_, (messages, kept, _, _, status) = respond(True, turns, 32, 0.0, 1.0)
+    assert kept == turns and "Generation failed: RuntimeError: out of memory" in status
+    assert [update for update in respond(False, turns, 32, 0.0, 1.0)] == [(gr.skip(),) * 5]
+    add_turn, _, drop_answer = web_app._handlers(fake)
+    *_, status, pending = add_turn(
+        {"text": "Why?"}, "big.png (12.0 MB, over the 10.0 MB limit)", []
+    )
+    assert "Not sent: big.png" in status and pending is False
+    *_, status, pending = drop_answer([])
+    assert "Nothing to regenerate yet." in status and pending is False
 
 
 def test_uploads_are_checked(tmp_path, monkeypatch):
@@ -173,6 +187,9 @@ def test_uploads_are_checked(tmp_path, monkeypatch):
     for question in ("", "  ", "<image> what?"):
         with pytest.raises(ChatInputError):
             chat.user_turn(question, [str(image)])
+    refused = ["big.png (12.0 MB, over the 10.0 MB limit)"]  # by the browser, before the server
+    with pytest.raises(ChatInputError, match=r"Not sent: big.png \(12.0 MB, over the 10.0 MB"):
+        chat.user_turn("What is it?", [], refused)
 
 
 def test_settings_and_turns_of_the_page():
@@ -192,9 +209,10 @@ def test_settings_and_turns_of_the_page():
     assert images == ["a.png", "b.png", "c.png"]
 
 
-def test_safe_defaults_and_a_password(tmp_path):
+def test_safe_defaults_and_a_password(tmp_path, caplog, capsys):
     from runtime.web.__main__ import parse_args, parse_auth
 
+    caplog.set_level(logging.INFO, logger=web_app.__name__)
     args = parse_args([])
     assert (args.host, args.share, args.auth, args.max_file_size) == (
         "127.0.0.1",
@@ -214,6 +232,8 @@ def test_safe_defaults_and_a_password(tmp_path):
         web_app.launch(app, port=free_port(), auth=("ann", "secret"), block=False)
     try:
         assert app.local_url.startswith("http://127.0.0.1:") and app.share_url is None
+        assert app.local_url in caplog.text and "--share makes one" in caplog.text
+        assert "share=True" not in capsys.readouterr().out  # Gradio's hint names its own API
         with pytest.raises(urllib.error.HTTPError, match="401"):
             urllib.request.urlopen(app.local_url + "config")
         login = urllib.parse.urlencode({"username": "ann", "password": "secret"}).encode()
@@ -322,6 +342,11 @@ def screenshot(driver, path: Path, stable: Path) -> None:
     shutil.copyfile(path, stable)
 
 
+def status(driver) -> str:
+    """The status line under the question box."""
+    return driver.find_element("id", "status").text
+
+
 def toasts(driver) -> str:
     return " ".join(
         e.text for e in driver.find_elements("css selector", "[data-testid='toast-body']")
@@ -369,20 +394,22 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(
     fake.write_text("not an image either", encoding="utf-8")
     large = tmp_path / "large.png"
     Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(large)  # ~270 KB
-    refused = [  # (file, the page's message, refused when submitted rather than when uploaded)
-        (notes, "Invalid file type", False),
-        (large, "exceed the maximum allowed size", False),
-        (fake, "fake.png is not an image", True),
+    refused = [  # (file, the message, refused when submitted rather than when uploaded)
+        (notes, r"notes\.txt \(not an image\) could not be attached", False),
+        (large, r"large\.png \(2\d\d KB, over the 100 KB limit\) could not be", False),
+        (fake, r"fake\.png is not an image", True),
     ]
     for file, message, on_submit in refused:
         open_page(browser, server)
         attach(browser, file)
-        if on_submit:
-            send(browser, "What is this?")
-        wait_for(lambda message=message: message in toasts(browser), f"{message!r} in the page")
-        assert answers(browser) == []
-        if not on_submit:  # refused at upload: nothing stays attached
+        if not on_submit:  # refused at upload by Gradio: nothing stays attached
+            wait_for(lambda: toasts(browser), "Gradio's message about the upload")
             assert not browser.find_elements("css selector", "#question img")
+        send(browser, "What is this?")  # without its image the answer would be nonsense
+        wait_for(lambda message=message: re.search(message, status(browser)), message)
+        assert answers(browser) == []
+        text = browser.find_element("css selector", "#question textarea").get_attribute("value")
+        assert text == "What is this?"  # kept in its box, to be sent again
     image, question = held_out(shapes_dir, 0)
     open_page(browser, server)
     send(browser, question, image)
@@ -404,3 +431,28 @@ def test_an_answers_boxes_are_drawn_next_to_it(browser, shapes_dir, tmp_path):
         assert legend.splitlines() == [f"1: the shape {box.coords()}",
                                        "not drawn: box '(1,2)' is not (x1,y1),(x2,y2)"]  # fmt: skip
         screenshot(browser, tmp_path / "web_grounding.png", GROUNDING_SCREENSHOT)
+
+
+@pytest.mark.browser
+def test_a_failed_answer_is_said_under_the_question_box_and_covers_nothing(
+    browser, shapes_dir, tmp_path
+):
+    image, _ = held_out(shapes_dir, 0)
+    failing = GroundingSession("unused")
+    failing.fail = True
+    with serving(failing, tmp_path / "uploads") as url:
+        open_page(browser, url)
+        send(browser, "What is it?", image)
+        said = "Generation failed: RuntimeError: out of memory"
+        wait_for(lambda: said in status(browser), "the reason on the status line")
+        time.sleep(10.5)  # a toast would be gone by now
+        assert said in status(browser)
+        screenshot(browser, tmp_path / "web_error.png", ERROR_SCREENSHOT)
+        badges = [e for e in browser.find_elements("xpath", "//*[normalize-space(text())='Error']")
+                  if e.is_displayed()]  # fmt: skip
+        assert badges == [] and toasts(browser) == ""  # nothing covers the chat or the question
+        assert "What is it?" in browser.find_element("id", "chatbot").text
+        assert browser.find_element("css selector", "#question textarea").is_enabled()
+        shared = browser.find_elements("css selector", "#chatbot button[aria-label='Share']")
+        downloads = browser.find_elements("css selector", "#chatbot a.download-link button")
+        assert downloads and not any(button.is_displayed() for button in shared)

@@ -191,6 +191,9 @@ def compare(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | str:
+    from runtime.cli import silence_known_warnings
+
+    silence_known_warnings()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         table = compare(argv[1:])

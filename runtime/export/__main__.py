@@ -14,13 +14,14 @@ import logging
 import sys
 
 from model.checkpoint import CheckpointError
-from runtime.cli import add_checkpoint_flags, checkpoint_overrides
+from runtime.cli import add_checkpoint_flags, checkpoint_overrides, silence_known_warnings
 from runtime.export.writer import DEFAULT_SHARD_SIZE, EXPORT_DTYPES, export_checkpoint
 
 logger = logging.getLogger("runtime.export")
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description="Export a checkpoint as a transformers LLaVA.")
     parser.add_argument("checkpoint", help="a training output, checkpoint-N or merged directory")
     parser.add_argument("out_dir", help="where the LLaVA directory is written (new or empty)")

@@ -15,7 +15,6 @@ active only beyond `seq_length` tokens at inference and have no Qwen2 counterpar
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -44,6 +43,8 @@ LM_HEAD = "lm_head.weight"
 
 def check_convertible(vlm: VisionLanguageModel) -> None:
     """Raise ValueError saying what LLaVA cannot hold, and what to use instead."""
+    from peft import PeftModel  # imported where used: it imports bitsandbytes
+
     llm = vlm.llm
     if isinstance(llm, PeftModel):
         raise ValueError(

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from dataset.conversation import chat_stop_token_ids
@@ -76,6 +75,8 @@ def export_checkpoint(
     shards with an index. `load_kwargs` go to `load_vlm` (language_model, vision_model,
     allow_other_base).
     """
+    from peft import PeftModel  # imported where used: it imports bitsandbytes
+
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     checkpoint = Path(checkpoint)

@@ -54,6 +54,9 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from runtime.cli import silence_known_warnings
+
+    silence_known_warnings()
     args = parse_args(argv)
     auth = parse_auth(args.auth)
     if args.queue_size < 1:
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
     try:
         main()
     except (ValueError, FileNotFoundError) as error:  # user mistakes: one clear line

@@ -4,7 +4,9 @@ generation settings; the answer's boxes drawn on the latest image next to the ch
 Every answer comes from `InferenceSession.stream` (the prompt is rendered by the session, as in
 training). Gradio's queue runs one generation at a time (`default_concurrency_limit=1`): other
 users wait their turn instead of interleaving on one model. A user mistake or a failing generation
-becomes a `gr.Error` message in the page; the server goes on serving.
+is said on the status line under the question box - not as a `gr.Error`, whose toast vanishes
+after 10 s and whose "Error" badges cover the chat and the question box - and the server goes on
+serving. `pending` says whether the last action left a question for `respond` to answer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from runtime.web.chat import (
     settings_from,
     user_turn,
 )
+from runtime.web.page import CSS, PAGE_JS, SUBMIT_JS, problem
 
 logger = logging.getLogger(__name__)
 
@@ -50,52 +53,63 @@ def unlock():
 
 
 def reset():
-    """An empty conversation: chat, turns, drawing, legend, and an open question box."""
-    return [], [], None, "", gr.MultimodalTextbox(value=None, interactive=True)
+    """An empty conversation: chat, turns, drawing, legend, status, an open question box."""
+    return [], [], None, "", "", gr.MultimodalTextbox(value=None, interactive=True)
 
 
 def _handlers(session: InferenceSession):
     """The event functions, closed over the session."""
+    unchanged = gr.skip()
 
-    def add_turn(message: dict | None, turns: list[dict]):
+    def add_turn(message: dict | None, refused: str, turns: list[dict]):
+        """-> chat, turns, question box, status, pending."""
         message = message or {}
         try:
-            turn = user_turn(message.get("text", ""), checked_images(message.get("files") or []))
-        except ChatInputError as error:
-            raise gr.Error(str(error)) from None
+            images = checked_images(message.get("files") or [])
+            turn = user_turn(message.get("text", ""), images, refused.splitlines())
+        except ChatInputError as error:  # the question stays in its box, to be fixed
+            return unchanged, unchanged, unchanged, problem(str(error)), False
         turns = [*turns, turn]
-        return display(turns), turns, gr.MultimodalTextbox(value=None, interactive=False)
+        return display(turns), turns, gr.MultimodalTextbox(value=None, interactive=False), "", True
 
-    def respond(turns: list[dict], max_new_tokens: float, temperature: float, top_p: float):
-        if not turns or turns[-1]["role"] != "user":
-            raise gr.Error("Ask a question first.")
+    def respond(
+        pending: bool, turns: list[dict], max_new_tokens: float, temperature: float, top_p: float
+    ):
+        """Streams the answer to the last question -> chat, turns, drawing, legend, status."""
+        if not pending or not turns or turns[-1]["role"] != "user":
+            yield unchanged, unchanged, unchanged, unchanged, unchanged
+            return
         try:
             settings = settings_from(session.settings, max_new_tokens, temperature, top_p)
         except ChatInputError as error:
-            raise gr.Error(str(error)) from None
+            yield unchanged, unchanged, unchanged, unchanged, problem(str(error))
+            return
         roles, contents, images = session_inputs(turns)
         reply = {"role": "assistant", "text": "", "images": []}
         answered = [*turns, reply]
         try:
             for piece in session.stream(roles, contents, images, settings):
                 reply["text"] += piece
-                yield display(answered), answered, gr.skip(), gr.skip()
+                yield display(answered), answered, unchanged, unchanged, unchanged
         except Exception as error:  # the page says what failed; the server keeps serving
             logger.exception("generation failed")
-            raise gr.Error(f"Generation failed: {type(error).__name__}: {error}") from None
+            failed = f"Generation failed: {type(error).__name__}: {error}. Regenerate tries again."
+            yield display(turns), turns, unchanged, unchanged, problem(failed)
+            return
         try:
             picture, legend = grounding(turns, reply["text"])
         except Exception as error:  # an answer without its drawing is still an answer
             logger.exception("drawing the boxes failed")
             picture, legend = None, f"(boxes not drawn: {error})"
-        yield display(answered), answered, picture, legend
+        yield display(answered), answered, picture, legend, ""
 
     def drop_answer(turns: list[dict]):
+        """-> chat, turns, question box, status, pending."""
         if turns and turns[-1]["role"] == "assistant":
             turns = turns[:-1]
         if not turns:
-            raise gr.Error("Nothing to regenerate yet.")
-        return display(turns), turns, gr.MultimodalTextbox(interactive=False)
+            return unchanged, unchanged, unchanged, problem("Nothing to regenerate yet."), False
+        return display(turns), turns, gr.MultimodalTextbox(interactive=False), "", True
 
     return add_turn, respond, drop_answer
 
@@ -121,6 +135,8 @@ def build_app(session: InferenceSession, *, title: str = TITLE) -> gr.Blocks:
                     show_label=False,
                     elem_id="question",
                 )
+                status = gr.HTML(elem_id="status")  # what went wrong, until the next action
+                refused = gr.Textbox(visible=False)  # files the browser refused (SUBMIT_JS)
                 with gr.Row():
                     stop = gr.Button("Stop", elem_id="stop")
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")
@@ -149,19 +165,22 @@ def build_app(session: InferenceSession, *, title: str = TITLE) -> gr.Blocks:
                         *TOP_P_RANGE, max(start.top_p, TOP_P_RANGE[0]), step=0.05, label="Top-p"
                     )
         settings = [max_new_tokens, temperature, top_p]
-        reply_outputs = [chatbot, turns, drawing, legend]
+        pending = gr.State(False)
+        asking = [chatbot, turns, question, status, pending]
+        reply_outputs = [chatbot, turns, drawing, legend, status]
+        progress = [chatbot, drawing, legend]
 
         asked = question.submit(
-            add_turn, [question, turns], [chatbot, turns, question], concurrency_limit=None
+            add_turn, [question, refused, turns], asking, js=SUBMIT_JS, concurrency_limit=None
         )
-        answering = asked.success(respond, [turns, *settings], reply_outputs)
-        answering.then(unlock, None, question, concurrency_limit=None)
-        retried = regenerate.click(
-            drop_answer, [turns], [chatbot, turns, question], concurrency_limit=None
-        )
-        reanswering = retried.success(respond, [turns, *settings], reply_outputs)
-        reanswering.then(unlock, None, question, concurrency_limit=None)
-        running = [answering, reanswering]
+        retried = regenerate.click(drop_answer, [turns], asking, concurrency_limit=None)
+        running = []
+        for trigger in (asked, retried):
+            answering = trigger.then(
+                respond, [pending, turns, *settings], reply_outputs, show_progress_on=progress
+            )
+            answering.then(unlock, None, question, concurrency_limit=None)
+            running.append(answering)
         stop.click(unlock, None, question, cancels=running, queue=False)
         for clearing in (clear.click, chatbot.clear):  # the button and the chat's own bin icon
             clearing(reset, None, [*reply_outputs, question], cancels=running, queue=False)
@@ -180,7 +199,8 @@ def launch(
     block: bool = True,
 ) -> None:
     """Serve `app`: one generation at a time, at most `queue_size` waiting; `block=False` returns
-    once the server is up (tests; `app.close()` stops it)."""
+    once the server is up (tests; `app.close()` stops it). Gradio's own start-up lines are
+    silenced: they tell users to set `share=True`, while this command's flag is `--share`."""
     app.queue(default_concurrency_limit=1, max_size=queue_size)
     app.launch(
         server_name=host,
@@ -189,6 +209,15 @@ def launch(
         auth=auth,
         max_file_size=max_file_size,
         ssr_mode=False,
-        prevent_thread_lock=not block,
-        quiet=not block,
+        prevent_thread_lock=True,
+        quiet=True,
+        css=CSS,
+        js=PAGE_JS,
     )
+    logger.info("the chat is at %s", app.local_url)
+    if app.share_url:
+        logger.info("and, for anyone with the link, at %s", app.share_url)
+    else:
+        logger.info("no public link (--share makes one at gradio.live)")
+    if block:
+        app.block_thread()

@@ -27,8 +27,14 @@ class ChatInputError(ValueError):
     """A request the user can fix (bad upload, empty question, settings out of range)."""
 
 
-def user_turn(text: str, images: list[str]) -> dict:
-    """A new user turn; refuses an empty question and a typed `<image>` marker."""
+def user_turn(text: str, images: list[str], refused: list[str] = ()) -> dict:
+    """A new user turn; refuses an empty question, a typed `<image>` marker, and a question
+    asked right after the browser refused some of its files (`refused`: their names and why)."""
+    if refused:
+        raise ChatInputError(
+            f"Not sent: {', '.join(refused)} could not be attached. Attach an image that fits, "
+            "or send the question again to ask without it."
+        )
     text = (text or "").strip()
     if not text:
         raise ChatInputError("Type a question (images alone are not a question).")
