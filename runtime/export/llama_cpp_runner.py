@@ -19,13 +19,22 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
+from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START
 from runtime.export.gguf_export import IMAGE_TOKEN_KEY, MMPROJ_FILE, TEXT_FILE
 
 
 class LlamaCppVLM:
     """model.gguf + mmproj.gguf loaded in llama.cpp (CPU), answering like InferenceSession."""
 
-    def __init__(self, export_dir: str | Path, *, n_ctx: int = 2048, n_threads: int = 2) -> None:
+    def __init__(
+        self,
+        export_dir: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        f32_cache: bool = False,
+    ) -> None:
+        """`f32_cache` keeps the KV cache in f32 (llama.cpp's default is f16): the logits check."""
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -36,6 +45,8 @@ class LlamaCppVLM:
             n_ctx=n_ctx,
             n_threads=n_threads,
             n_gpu_layers=0,
+            type_k=llama_cpp.GGML_TYPE_F32 if f32_cache else None,
+            type_v=llama_cpp.GGML_TYPE_F32 if f32_cache else None,
             verbose=False,
         )
         params = mtmd_cpp.mtmd_context_params_default()
@@ -54,6 +65,11 @@ class LlamaCppVLM:
             metadata["tokenizer.chat_template"]
         )
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        # the ChatML stop ids of `dataset.conversation.chat_stop_token_ids`, by their text
+        self.stop_ids = {
+            self.llama.tokenize(token.encode(), add_bos=False, special=True)[0]
+            for token in (IM_END, IM_START, ENDOFTEXT)
+        }
 
     def prompt_text(self, roles, contents, system_prompt: str | None = None) -> str:
         """Our ChatML prompt by the exported template, images as mtmd's media marker."""
@@ -90,8 +106,11 @@ class LlamaCppVLM:
         if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
             count = ctypes.c_size_t()
             pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-            ids = np.ctypeslib.as_array(pointer, shape=(count.value,)).tolist()
-            llama.eval(ids)
+            ids = (
+                np.ctypeslib.as_array(pointer, shape=(count.value,)).tolist() if count.value else []
+            )
+            if ids:
+                llama.eval(ids)
             return ids
         n_past = self._llama_cpp.llama_pos(0)
         if mtmd.mtmd_helper_eval_chunk_single(
@@ -107,20 +126,23 @@ class LlamaCppVLM:
         pointer = self._llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self.llama.n_vocab(),)).copy()
 
-    def generate(self, text: str, images=(), *, max_new_tokens: int, stop_ids) -> list[int]:
+    def generate(self, text: str, images=(), *, max_new_tokens: int) -> list[int]:
         """Greedy continuation of the prompt, stop token excluded."""
         self.prefill(text, images)
         out: list[int] = []
         for _ in range(max_new_tokens):  # autoregressive: one token per llama.cpp decode
             token = int(np.argmax(self.last_logits()))
-            if token in stop_ids:
+            if token in self.stop_ids:
                 break
             out.append(token)
             self.llama.eval([token])
         return out
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.llama.detokenize(ids).decode("utf-8", errors="replace")
+    def answer(self, roles, contents, images=(), *, system_prompt=None, max_new_tokens: int):
+        """The greedy reply, as `InferenceSession.answer` gives it (stripped text)."""
+        text = self.prompt_text(roles, contents, system_prompt)
+        ids = self.generate(text, images, max_new_tokens=max_new_tokens)
+        return self.llama.detokenize(ids).decode("utf-8", errors="replace").strip()
 
     def _bitmap(self, image):
         picture = image if isinstance(image, Image.Image) else Image.open(image)
