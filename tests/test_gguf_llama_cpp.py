@@ -72,7 +72,7 @@ def test_llama_cpp_reads_our_prompt_and_gives_our_first_token_logits(runner, ses
     theirs = runner.prefill(runner.prompt_text(roles, contents), images)
     assert theirs == [i for i in ours if i != session.vlm.image_token_id]
     with torch.no_grad():
-        pixels = session.vlm.vision.preprocessor(images) if images else None
+        pixels = session.vlm.vision.preprocess(images) if images else None
         logits = session.vlm(input_ids=torch.tensor([ours]), pixel_values=pixels).logits[0, -1]
     difference = np.abs(runner.last_logits() - logits.numpy()).max()
     print(f"{kind}: max |logit difference| {difference:.2e}")
