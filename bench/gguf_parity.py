@@ -39,6 +39,7 @@ def answer_with_llama_cpp(export_dir: Path, records: list[dict], max_new: int, t
         )  # fmt: skip
         for r in records
     ]
+    runner.close()
     return answers, {"load_s": loaded - start, "answer_s": time.perf_counter() - loaded}
 
 

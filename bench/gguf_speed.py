@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             time_llama_cpp(runner, records[0], 2)  # warm-up
             times = [time_llama_cpp(runner, r, args.new_tokens) for r in records]
             report[f"llama_cpp_{outtype}"] = summary(times)
-            runner.llama.close()
+            runner.close()
     report.update(records=len(records), new_tokens=args.new_tokens, threads=args.threads)
     return report
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from bench.export_parity import load_records
 from bench.gguf_parity import run as parity
+from demo.tiny_towers import save_tiny_siglip_tower
 from model.config import VisionConfig
 from runtime.export.gguf_export import export_gguf
 from runtime.inference import InferenceSession
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # Largest |logit difference| allowed at the first generated token, f32 export and f32 KV cache
-# (docs/GGUF.md): measured at most 2e-4 on the tiny models here; the gap is llama.cpp's
+# (docs/GGUF.md): measured 6.6e-07 (text) and 1.1e-04 (SigLIP image) on the tiny models here; the gap is llama.cpp's
 # tanh-approximated GELU in the projector (ours is the exact erf GELU) and its summation order.
 LOGIT_TOLERANCE = 1e-3
 CONVERSATIONS = {
@@ -46,25 +47,46 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(work, tiny_qwen_dir, tiny_clip_dir):
-    bases = {"qwen": tiny_qwen_dir, "clip": tiny_clip_dir}
-    return make_checkpoint(work / "qwen-clip", bases, "qwen", VisionConfig(str(tiny_clip_dir)))
+def checkpoints(work, tiny_qwen_dir, tiny_clip_dir):
+    siglip = save_tiny_siglip_tower(work / "tiny-siglip")
+    bases = {"qwen": tiny_qwen_dir, "clip": tiny_clip_dir, "siglip": siglip}
+    return {
+        tower: make_checkpoint(
+            work / f"qwen-{tower}", bases, "qwen", VisionConfig(str(bases[tower]))
+        )
+        for tower in ("clip", "siglip")
+    }
 
 
 @pytest.fixture(scope="module")
-def runner(work, checkpoint):
+def engines(work, checkpoints):
+    """(llama.cpp runner on the f32 export with an f32 KV cache, our session) per tower."""
     from runtime.export.llama_cpp_runner import LlamaCppVLM
 
-    return LlamaCppVLM(export_gguf(checkpoint, work / "f32", outtype="f32"), f32_cache=True)
+    found = {}
+    for tower, checkpoint in checkpoints.items():
+        export = export_gguf(checkpoint, work / f"{tower}-f32", outtype="f32")
+        session = InferenceSession.from_checkpoint(checkpoint, dtype="float32")
+        found[tower] = (LlamaCppVLM(export, f32_cache=True), session)
+    yield found
+    for runner, _ in found.values():
+        runner.close()
 
 
-@pytest.fixture(scope="module")
-def session(checkpoint):
-    return InferenceSession.from_checkpoint(checkpoint, dtype="float32")
+CLASS_TOKEN_LAST = pytest.mark.xfail(
+    strict=True,
+    reason="llama.cpp's llava graph (models/llava.cpp in llama-cpp-python 0.3.36) appends CLIP's "
+    "class token AFTER the patches and adds position embeddings 0..N in that order, then keeps "
+    "rows 1..N: every image row is shifted by one (docs/GGUF.md); SigLIP (no class token) is exact",
+)
 
 
-@pytest.mark.parametrize("kind", sorted(CONVERSATIONS))
-def test_llama_cpp_reads_our_prompt_and_gives_our_first_token_logits(runner, session, kind):
+@pytest.mark.parametrize(
+    ("kind", "tower"),
+    [("text", "clip"), ("image", "siglip"), pytest.param("image", "clip", marks=CLASS_TOKEN_LAST)],
+)
+def test_llama_cpp_reads_our_prompt_and_gives_our_first_token_logits(engines, kind, tower):
+    runner, session = engines[tower]
     roles, contents, n_images = CONVERSATIONS[kind]
     rng = np.random.default_rng(0)  # at the tower's 32 px: no resampling on either side
     images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))] * n_images
@@ -75,14 +97,14 @@ def test_llama_cpp_reads_our_prompt_and_gives_our_first_token_logits(runner, ses
         pixels = session.vlm.vision.preprocess(images) if images else None
         logits = session.vlm(input_ids=torch.tensor([ours]), pixel_values=pixels).logits[0, -1]
     difference = np.abs(runner.last_logits() - logits.numpy()).max()
-    print(f"{kind}: max |logit difference| {difference:.2e}")
+    print(f"{kind} ({tower}): max |logit difference| {difference:.2e}")
     assert difference < LOGIT_TOLERANCE
     assert int(np.argmax(runner.last_logits())) == int(logits.argmax())
 
 
-def test_llama_cpp_answers_the_shapes_records_as_we_do(work, checkpoint, shapes_dir):
+def test_llama_cpp_answers_the_shapes_records_as_we_do(work, checkpoints, shapes_dir):
     records = load_records(shapes_dir / "test.json", shapes_dir, None)
-    report = parity(checkpoint, records, export_dir=work / "f32", max_new=8)
+    report = parity(checkpoints["siglip"], records, export_dir=work / "siglip-f32", max_new=8)
     n, identical = report["records"], report["identical_answers"]
     print(f"identical answers: {identical}/{n}")
     assert identical == n, report["differing"]

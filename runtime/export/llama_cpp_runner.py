@@ -144,6 +144,10 @@ class LlamaCppVLM:
         ids = self.generate(text, images, max_new_tokens=max_new_tokens)
         return self.llama.detokenize(ids).decode("utf-8", errors="replace").strip()
 
+    def close(self) -> None:
+        """Free the mtmd context, the llama.cpp context and model now (not at interpreter exit)."""
+        self.llama.close()
+
     def _bitmap(self, image):
         picture = image if isinstance(image, Image.Image) else Image.open(image)
         rgb = picture.convert("RGB")
