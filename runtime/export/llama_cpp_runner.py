@@ -26,6 +26,8 @@ from runtime.export.gguf_export import IMAGE_TOKEN_KEY, MMPROJ_FILE, TEXT_FILE
 class LlamaCppVLM:
     """model.gguf + mmproj.gguf loaded in llama.cpp (CPU), answering like InferenceSession."""
 
+    _quiet = None  # the no-op log callback handed to mtmd
+
     def __init__(
         self,
         export_dir: str | Path,
@@ -49,6 +51,12 @@ class LlamaCppVLM:
             type_v=llama_cpp.GGML_TYPE_F32 if f32_cache else None,
             verbose=False,
         )
+        # mtmd logs every chunk it adds or encodes to stderr; kept quiet (the callback must live
+        # as long as the library may call it: a class attribute)
+        if LlamaCppVLM._quiet is None:
+            LlamaCppVLM._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        mtmd_cpp.mtmd_log_set(LlamaCppVLM._quiet, None)
+        mtmd_cpp.mtmd_helper_log_set(LlamaCppVLM._quiet, None)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
