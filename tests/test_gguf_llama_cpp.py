@@ -114,10 +114,11 @@ def test_llama_cpp_answers_the_shapes_records_as_we_do(work, checkpoints, shapes
 @pytest.mark.skipif(
     not (ROOT / "outputs" / "demo").is_dir(), reason="no outputs/demo: run `sh train.sh` first"
 )
+@CLASS_TOKEN_LAST  # the demo's tower is a CLIP: 49.0% vs our 94.5% on all 200 (docs/GGUF.md)
 def test_llama_cpp_matches_test_py_on_held_out_demo_records(work, monkeypatch):
-    """The first 40 held-out records (bench.gguf_parity runs all 200: docs/GGUF.md)."""
+    """The first 20 held-out records (bench.gguf_parity runs all 200: docs/GGUF.md)."""
     monkeypatch.chdir(ROOT)  # the demo checkpoint names its base models relative to the repo
-    records = load_records(ROOT / "demo_assets/shapes/test.json", ROOT / "demo_assets/shapes", 40)
+    records = load_records(ROOT / "demo_assets/shapes/test.json", ROOT / "demo_assets/shapes", 20)
     report = parity(ROOT / "outputs" / "demo", records, export_dir=work / "demo")
     n, identical = report["records"], report["identical_answers"]
     print(f"demo: identical answers {identical}/{n}, exact match ours "
