@@ -8,12 +8,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from demo.tiny_towers import save_tiny_open_clip_tower
 from model.checkpoint import load_vlm
 from model.config import ProjectorConfig, VisionConfig
 from qwen.tokenization_qwen import IM_END, SPECIAL_TOKENS
 from runtime.export.gguf_export import MMPROJ_FILE, MODELFILE, TEXT_FILE, export_gguf
+from runtime.export.gguf_text import check_text_model, text_hparams, text_tensors
 from runtime.export.tokenizer import chat_template
 from tests.test_export import SYSTEM, make_checkpoint, run_export
 
@@ -149,3 +151,25 @@ def test_a_busy_destination_is_refused_unless_overwrite(work, checkpoint):
     result = run_export(str(checkpoint), str(busy), "--format", "gguf", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in busy.iterdir()) == sorted([MODELFILE, MMPROJ_FILE, TEXT_FILE])
+
+
+def test_a_transformers_qwen2_keeps_its_weights_under_the_same_names():
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)  # fmt: skip
+    llm = Qwen2ForCausalLM(config)
+    check_text_model(llm)
+    tensors = text_tensors(llm)
+    assert len(tensors) == 3 + 2 * 12 and text_hparams(llm)["head_count_kv"] == 2
+    assert (
+        tensors["blk.1.attn_k.bias"].data_ptr()
+        == llm.model.layers[1].self_attn.k_proj.bias.data_ptr()
+    )
+    assert tensors["output.weight"].data_ptr() == llm.lm_head.weight.data_ptr()
+
+
+def test_an_llm_llama_cpp_qwen2_cannot_hold_is_named():
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4)  # fmt: skip
+    with pytest.raises(ValueError, match="model_type 'llama'.*--format hf"):
+        check_text_model(LlamaForCausalLM(config))
