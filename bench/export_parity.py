@@ -90,19 +90,20 @@ def answer_with_session(checkpoint: Path, records: list[dict], dtype: str, max_n
     return answers, {"load_s": loaded - start, "answer_s": time.perf_counter() - loaded}
 
 
-def compare(records: list[dict], ours: list[str], theirs: list[str]) -> dict:
+def compare(records: list[dict], ours: list[str], theirs: list[str], name="transformers") -> dict:
+    """Exact match of both, identical answers, and the records answered differently."""
     n = len(records)
     ours_ok = sum(exact_match(a, r["reference"]) for a, r in zip(ours, records, strict=True))
     theirs_ok = sum(exact_match(a, r["reference"]) for a, r in zip(theirs, records, strict=True))
     differing = [
-        {"id": r["id"], "ours": a, "transformers": b, "reference": r["reference"]}
+        {"id": r["id"], "ours": a, name: b, "reference": r["reference"]}
         for r, a, b in zip(records, ours, theirs, strict=True)
         if a != b
     ]
     return {
         "records": n,
         "exact_match_ours": ours_ok / n,
-        "exact_match_transformers": theirs_ok / n,
+        f"exact_match_{name}": theirs_ok / n,
         "identical_answers": n - len(differing),
         "differing": differing,
     }

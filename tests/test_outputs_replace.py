@@ -15,6 +15,7 @@ import pytest
 from test_identity import trained  # noqa: F401 - a fixture
 
 from runtime.export import export_checkpoint
+from runtime.export.gguf_export import export_gguf
 from runtime.merge import merge_checkpoint
 from runtime.outputs import check_destination
 
@@ -65,7 +66,11 @@ def test_a_leftover_of_a_live_process_is_named_not_deleted(tmp_path, caplog):
     assert live.is_dir() and f"left by process {os.getppid()}, which still runs" in caplog.text
 
 
-@pytest.mark.parametrize("command", [merge_checkpoint, export_checkpoint])
+def _export_gguf(checkpoint, out, dtype, **kwargs):
+    return export_gguf(checkpoint, out, outtype="f32", **kwargs)
+
+
+@pytest.mark.parametrize("command", [merge_checkpoint, export_checkpoint, _export_gguf])
 def test_an_output_that_holds_or_is_the_source_is_refused(trained, tmp_path, command):  # noqa: F811
     run = tmp_path / "run"
     checkpoint = Path(shutil.copytree(trained, run / "checkpoint-2"))
