@@ -138,7 +138,7 @@ def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_
     data.write_text(json.dumps(records), encoding="utf-8")
     report = prompt_test.main(
         ["--model_weights", str(checkpoint), "--data_path", str(data),
-         "--image_folder", str(shapes_dir), "--max_new_tokens", "2"]
+         "--image_folder", str(shapes_dir), "--max_new_tokens", "2", "--batch_size", "1"]
     )  # fmt: skip
     assert [a["reference"] for a in report["answers"]] == ["red", "top left"]
     first, last = recorders[0].prompts
@@ -146,6 +146,37 @@ def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_
     assert last.endswith("Where is the shape?<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>assistant\nred<|im_end|>" in last
     assert "<|im_start|>assistant\ncircle<|im_end|>" in last
+
+
+def test_test_py_and_the_records_benchmark_give_one_score(checkpoint, shapes_dir, tmp_path):
+    """`test.py --data_path` answers and scores through `runtime.evaluation`'s records path: the
+    same answers, the same exact match overall and by questions asked, for a set where half of
+    the references are the model's own answers (so the score is neither 0 nor 100)."""
+    from runtime.evaluation.cli import main as evaluation_main
+
+    flags = ["--image_folder", str(shapes_dir), "--max_new_tokens", "3"]
+    model = ["--model_weights", str(checkpoint)]
+    first = prompt_test.main([*model, "--data_path", str(shapes_dir / "test.json"), *flags])
+    said = {answer["id"]: answer["prediction"] for answer in first["answers"]}
+    records = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))
+    for record in records[::2]:
+        record["conversations"][-1]["value"] = said[record["id"]]
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+
+    ours = prompt_test.main([*model, "--data_path", str(data), *flags])
+    out = tmp_path / "eval"
+    theirs = evaluation_main(["--benchmark", "records", "--data", str(data), *model,
+                              "--output_dir", str(out), "--no_progress", *flags])  # fmt: skip
+    assert 0 < ours["exact_match"] < 1
+    assert theirs["scores"]["exact_match"] == pytest.approx(100 * ours["exact_match"])
+    by_turns = theirs["breakdown"]["by questions asked"]
+    assert {n: row["exact_match"] / 100 for n, row in by_turns.items()} == pytest.approx(
+        ours["exact_match_by_turns"]
+    )
+    rows = (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = {row["question_id"]: row["answer"] for row in map(json.loads, rows)}
+    assert answers == {answer["id"]: answer["prediction"] for answer in ours["answers"]}
 
 
 def test_answers_are_the_same_through_the_session_and_by_hand(checkpoint, shapes_dir):

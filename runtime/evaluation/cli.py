@@ -24,6 +24,7 @@ LANGUAGES = ("auto", "en", "zh")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
     from runtime.cli import add_checkpoint_flags
+    from runtime.evaluation.runner import EVALUATION_BATCH_SIZE
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(
@@ -40,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_weights", "--checkpoint", help="training output dir to evaluate")
     source.add_argument("--answers", help="score this JSONL of {question_id, answer}; no model")
-    p.add_argument("--batch_size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--batch_size", type=int, default=EVALUATION_BATCH_SIZE,
+                   help="questions per generate call")  # fmt: skip
     p.add_argument("--limit", type=int, help="only the first N questions (MME images, MMBench "
                    "questions with all their rotations)")  # fmt: skip
     p.add_argument("--lang", default="auto", choices=LANGUAGES,

@@ -15,9 +15,18 @@ from runtime.evaluation.loaders import MME_COGNITION, MME_PERCEPTION
 from runtime.evaluation.mmbench import score_mmbench
 from runtime.evaluation.questions import Question
 from runtime.evaluation.vqa_accuracy import vqa_accuracy
-from runtime.inference import exact_match
 
 SCIENCEQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+def normalise_answer(text: str) -> str:
+    """Case, surrounding space, runs of spaces and a final full stop / exclamation mark ignored."""
+    return " ".join(text.strip().lower().rstrip(".。!！").split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The records' metric (`test.py --data_path`, `--benchmark records`, the export parity)."""
+    return normalise_answer(prediction) == normalise_answer(reference)
 
 
 def _percent(flags: list) -> float:
@@ -122,7 +131,7 @@ def score_textvqa(questions: list[Question], answers: dict[str, str]) -> dict:
 
 
 def score_records(questions: list[Question], answers: dict[str, str]) -> dict:
-    """Exact match of the last answer (runtime.inference.exact_match), overall and by the number
+    """Exact match of the last answer (`exact_match`), overall and by the number
     of questions asked in the record."""
     by_turns: dict[str, list[bool]] = defaultdict(list)
     flags = []
