@@ -41,9 +41,9 @@ from PIL import Image
 from torch import nn
 
 from visual.preprocessing import (
-    DEFAULT_ASPECT_RATIO,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    TOWER_ASPECT_RATIOS,
     ImagePreprocessor,
     pads_to_square,
 )
@@ -258,7 +258,7 @@ def qwen_vl_preprocessor(image_size: int, image_aspect_ratio: str) -> ImagePrepr
 def load_qwen_vl_tower(
     name_or_path: str,
     feature_layer: int = -1,
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+    image_aspect_ratio: str = TOWER_ASPECT_RATIOS["qwen_vl"],
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> QwenVLVisionTower:
