@@ -12,7 +12,6 @@ from collections import defaultdict
 
 from runtime.evaluation.extraction import extract_choice, extract_yes_no
 from runtime.evaluation.loaders import MME_COGNITION, MME_PERCEPTION
-from runtime.evaluation.mmbench import score_mmbench
 from runtime.evaluation.questions import Question
 from runtime.evaluation.vqa_accuracy import vqa_accuracy
 
@@ -145,19 +144,11 @@ def score_records(questions: list[Question], answers: dict[str, str]) -> dict:
     return {"scores": {"exact_match": _percent(flags)}, "breakdown": breakdown, "unparsed": 0}
 
 
-SCORERS = {
-    "mme": score_mme,
-    "pope": score_pope,
-    "mmbench": score_mmbench,
-    "scienceqa": score_scienceqa,
-    "textvqa": score_textvqa,
-    "records": score_records,
-}
-
-
 def score(benchmark: str, questions: list[Question], answers: dict[str, str]) -> dict:
     """The benchmark's scores plus the counts: questions, answered, missing, unparsed."""
-    result = SCORERS[benchmark](questions, answers)
+    from runtime.evaluation.registry import BENCHMARKS  # it names these scorers
+
+    result = BENCHMARKS[benchmark].score(questions, answers)
     answered = sum(q.question_id in answers for q in questions)
     result["counts"] = {
         "questions": len(questions),
