@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from dataset.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
-from model.builder import build_vlm
-from model.checkpoint import describe, save_trainable
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
-from model.trainable import configure_trainable
 from qwen import QWenTokenizer
 from runtime.inference import GenerationSettings, InferenceSession
 
@@ -67,15 +64,8 @@ def test_prompt_for_turn_k_is_the_training_rendering_of_its_history(system):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir):
-    language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
-    vision = VisionConfig(vision_model=str(tiny_clip_dir))
-    torch.manual_seed(0)
-    vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
-    configure_trainable(vlm, LoraSettings(lora_rank=4))
     out = tmp_path_factory.mktemp("ckpt")
-    description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="Be brief.")
-    save_trainable(vlm, tokenizer, out, description)
-    return out
+    return save_tiny_checkpoint(out, tiny_qwen_dir, tiny_clip_dir, system_prompt="Be brief.")
 
 
 class PromptRecorder:
