@@ -84,3 +84,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def train_flags(
+    language_model, vision_model, data_path, image_folder, out, **settings
+) -> list[str]:
+    """`train.py` flags of a short CPU run on tiny models; `settings` add or override flags
+    (`True` is a switch)."""
+    settings = {
+        "language_model": language_model,
+        "dtype": "float32",
+        "vision_model": vision_model,
+        "data_path": data_path,
+        "image_folder": image_folder,
+        "model_max_length": 128,
+        "output_dir": out,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        **settings,
+    }
+    switches = [f"--{key}" for key, value in settings.items() if value is True]
+    values = {key: value for key, value in settings.items() if value is not True}
+    return switches + [item for key, value in values.items() for item in (f"--{key}", str(value))]
