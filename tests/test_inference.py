@@ -169,6 +169,28 @@ def test_test_py_and_the_records_benchmark_give_one_score(checkpoint, shapes_dir
     assert answers == {answer["id"]: answer["prediction"] for answer in ours["answers"]}
 
 
+def test_records_whose_image_is_missing_or_corrupt_stop_or_are_skipped(
+    checkpoint, shapes_dir, tmp_path
+):
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    (tmp_path / "good.png").write_bytes(image.read_bytes())
+    (tmp_path / "corrupt.png").write_bytes(image.read_bytes()[:40])
+    records = [
+        {"id": name, "image": file, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the shape?"},
+            {"from": "gpt", "value": "red"}]}
+        for name, file in [("good", "good.png"), ("gone", "gone.png"), ("bad", "corrupt.png")]
+    ]  # fmt: skip
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    argv = ["--model_weights", str(checkpoint), "--data_path", str(data), "--max_new_tokens", "2"]
+    with pytest.raises(ValueError, match="gone.png.*pass --skip_bad_images"):
+        prompt_test.main(argv)  # images under the data file's folder by default
+    report = prompt_test.main([*argv, "--skip_bad_images"])
+    assert [a["id"] for a in report["answers"]] == ["good"]
+    assert [s["id"] for s in report["skipped"]] == ["gone", "bad"]
+
+
 def test_answers_are_the_same_through_the_session_and_by_hand(checkpoint, shapes_dir):
     session = InferenceSession.from_checkpoint(
         checkpoint, dtype="float32", settings=GenerationSettings(max_new_tokens=5)
