@@ -87,10 +87,10 @@ def free_port() -> int:
 
 
 def train_flags(
-    language_model, vision_model, data_path, image_folder, out, **settings
+    language_model, vision_model, data_path, image_folder, out, /, **settings
 ) -> list[str]:
-    """`train.py` flags of a short CPU run on tiny models; `settings` add or override flags
-    (`True` is a switch)."""
+    """`train.py` flags of a short CPU run on tiny models; `settings` add or override flags,
+    the positional ones too (`True` is a switch)."""
     settings = {
         "language_model": language_model,
         "dtype": "float32",
