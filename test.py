@@ -6,13 +6,13 @@
         --output_file answers.json                                                # exact match
 
 Every answer goes through `runtime.inference.InferenceSession`: the prompt for each turn is the
-whole conversation so far, rendered exactly as training renders it.
+whole conversation so far, rendered exactly as training renders it. Held-out records are loaded,
+answered and scored by `runtime.evaluation`'s records path (`runtime/evaluation/held_out.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -24,6 +24,7 @@ logger = logging.getLogger("test")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
     from runtime.cli import add_checkpoint_flags
+    from runtime.evaluation.runner import EVALUATION_BATCH_SIZE
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(description="Prompt-test a trained vision-language model.")
@@ -34,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--chat", action="store_true", help="multi-turn chat, one user turn per line")
     p.add_argument("--data_path", help="held-out records: answer each, report exact match")
-    p.add_argument("--image_folder", help="image root for --data_path")
+    p.add_argument("--image_folder", help="image root for --data_path (default: its folder)")
+    p.add_argument("--batch_size", type=int, default=EVALUATION_BATCH_SIZE,
+                   help="--data_path: records per generate call (as runtime.evaluation)")  # fmt: skip
     p.add_argument("--allow_outside_image_folder", action="store_true",
                    help="let records name absolute image paths or paths with '..'")  # fmt: skip
     p.add_argument("--skip_bad_images", action="store_true",
@@ -44,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draw_boxes", metavar="DIR",
                    help="write each answer's <box>es drawn on its image to DIR/<name>.png")  # fmt: skip
     GenerationSettings.add_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size}: must be at least 1")
+    return args
 
 
 def check_args(args) -> None:
@@ -67,7 +73,7 @@ def check_args(args) -> None:
 
 
 def run_prompts(args, session) -> None:
-    from runtime.inference import image_files, with_image_marker
+    from runtime.cli import image_files, with_image_marker
     from visual import ImageLoadError
 
     images = image_files(args.image_path) if args.image_path else [None]
@@ -124,70 +130,35 @@ def draw_boxes(args, name: str | None, image, reply: str) -> None:
 
 
 def run_evaluation(args, session) -> dict:
-    """Answer every record's last user turn (the earlier turns as history), score exact match.
-    Answers are written to `--output_file` as they come, so an interrupted run keeps them."""
-    from dataprocess.reading import iter_raw_records
-    from dataprocess.schema import confined_image_path, parse_record
-    from runtime.inference import exact_match
+    """Answer every record's last user turn (the earlier turns as history), score exact match:
+    the evaluator's records path (`runtime.evaluation.held_out`), the same score as
+    `python -m runtime.evaluation --benchmark records` gives."""
+    from runtime.evaluation.held_out import evaluate_held_out
     from visual import ImageLoadError
 
-    folder = Path(args.image_folder) if args.image_folder else Path(".")
-    results, skipped = [], []
-    for index, raw in iter_raw_records(args.data_path):
-        record = parse_record(raw, source=str(args.data_path), index=index)
-        turns = [t for t in record.turns if t.role != "system"]
-        system = next((t.content for t in record.turns if t.role == "system"), None)
-        outside = args.allow_outside_image_folder
-        try:
-            images = [confined_image_path(folder, n, allow_outside=outside) for n in record.images]
-        except ValueError as error:
-            raise ValueError(f"{args.data_path}, record {record.id!r}: {error}") from None
-        reference = turns[-1].content
-        roles, contents = [t.role for t in turns[:-1]], [t.content for t in turns[:-1]]
-        try:
-            prediction = session.answer(roles, contents, images, system_prompt=system)
-        except ImageLoadError as error:
-            message = f"{args.data_path}, record {record.id!r}: {error}"
-            if not args.skip_bad_images:
-                _write_report(args, results, skipped)
-                raise ValueError(f"{message} (pass --skip_bad_images to skip it)") from None
-            logger.warning("skipped %s", message)
-            skipped.append({"id": record.id, "error": str(error)})
-            continue
-        draw_boxes(args, record.id, images[-1] if images else None, prediction)
-        correct = exact_match(prediction, reference)
-        results.append({"id": record.id, "turns": len(turns) // 2, "prediction": prediction,
-                        "reference": reference, "correct": correct})  # fmt: skip
-        _write_report(args, results, skipped)
-    if not results:
-        raise ValueError(f"--data_path {args.data_path}: no records to evaluate")
-    report = _write_report(args, results, skipped)
-    correct = sum(r["correct"] for r in results)
-    print(f"exact match: {report['exact_match']:.1%} ({correct}/{len(results)})"
+    def on_answer(question, reply: str) -> None:
+        draw_boxes(args, question.question_id, question.images[-1] if question.images else None,
+                   reply)  # fmt: skip
+
+    try:
+        report = evaluate_held_out(
+            session, Path(args.data_path),
+            Path(args.image_folder) if args.image_folder else None,
+            batch_size=args.batch_size, allow_outside=args.allow_outside_image_folder,
+            skip_bad_images=args.skip_bad_images, output_file=args.output_file,
+            on_answer=on_answer,
+        )  # fmt: skip
+    except ImageLoadError as error:
+        raise ValueError(f"--data_path {args.data_path}: {error} (pass --skip_bad_images to "
+                         "skip it)") from None  # fmt: skip
+    correct = sum(answer["correct"] for answer in report["answers"])
+    skipped = report["skipped"]
+    print(f"exact match: {report['exact_match']:.1%} ({correct}/{report['num_records']})"
           + (f", {len(skipped)} skipped" if skipped else ""))  # fmt: skip
     if len(report["exact_match_by_turns"]) > 1:
         groups = report["exact_match_by_turns"].items()
         print("by questions asked: " + ", ".join(f"{n}: {acc:.1%}" for n, acc in groups))
     return report
-
-
-def _write_report(args, results: list[dict], skipped: list[dict]) -> dict:
-    from runtime.outputs import write_text_atomic
-
-    by_turns: dict[str, list[bool]] = {}
-    for result in results:
-        by_turns.setdefault(str(result["turns"]), []).append(result["correct"])
-    report = {"data_path": str(args.data_path), "num_records": len(results),
-              "exact_match": _mean([r["correct"] for r in results]),
-              "exact_match_by_turns": {n: _mean(c) for n, c in sorted(by_turns.items())},
-              "skipped": skipped, "answers": results}  # fmt: skip
-    if args.output_file:
-        write_text_atomic(args.output_file, json.dumps(report, ensure_ascii=False, indent=1))
-    return report
-
-
-def _mean(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a vision-language model.
 #   sh train.sh                                   # the CPU demo: tiny models + shapes data
-#   sh train.sh --config configs/qwen7b_clip336_stage2.yaml --data_path ... --image_folder ...
+#   sh train.sh --config configs/qwen7b_chat_clip336_stage2.yaml --data_path ... --image_folder ...
 #   NPROC_PER_NODE=4 sh train.sh --config ...     # several GPUs through torchrun
 # Every flag of train.py can follow; flags override the YAML config.
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"

@@ -24,8 +24,9 @@ import torch
 
 from dataprocess.reading import iter_raw_records
 from dataprocess.schema import confined_image_path, parse_record
+from runtime.evaluation.scoring import exact_match
 from runtime.export import export_checkpoint
-from runtime.inference import GenerationSettings, InferenceSession, exact_match
+from runtime.inference import GenerationSettings, InferenceSession
 
 logger = logging.getLogger(__name__)
 

@@ -108,12 +108,15 @@ def compose_vlm(
     llm, tokenizer, vision, projector_config: ProjectorConfig, image_token: str | None = None
 ) -> VisionLanguageModel:
     """The one composition step: placeholder id from the tokenizer, a fresh projector sized from
-    the tower and `llm.config` (fp32: its master weights), the three parts in one module."""
+    the tower and `llm.config` (fp32: its master weights), the three parts in one module; an LLM
+    whose own loss the chunked loss would not reproduce is refused (`check_loss_path`)."""
     image_token_id = image_token_id_for(tokenizer, llm.config, image_token)
     if llm.config.model_type == "qwen":
         llm.config.image_token_id = image_token_id
     projector = make_projector(projector_config, vision, llm)
-    return VisionLanguageModel(vision, projector, llm, image_token_id)
+    vlm = VisionLanguageModel(vision, projector, llm, image_token_id)
+    vlm.check_loss_path()
+    return vlm
 
 
 def build_vlm(

@@ -13,7 +13,7 @@ import torch
 
 from model.projector import PROJECTOR_KINDS
 from visual.loading import LIBRARIES
-from visual.preprocessing import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from visual.preprocessing import ASPECT_RATIOS, default_aspect_ratio
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
@@ -50,7 +50,8 @@ class VisionConfig:
     vision_library: str = "transformers"  # one of visual.loading.LIBRARIES
     vision_pretrained: str | None = None  # open_clip pretrained tag or weights file
     vision_feature_layer: int = -2
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO  # one of visual.preprocessing.ASPECT_RATIOS
+    # one of visual.preprocessing.ASPECT_RATIOS; None: the tower library's own (resolve_defaults)
+    image_aspect_ratio: str | None = None
 
 
 @dataclass
@@ -72,6 +73,13 @@ class LoraSettings:
     modules_to_save: str | None = None
 
 
+def resolve_defaults(vision: VisionConfig) -> None:
+    """Fill what the tower owns when no flag or YAML key gave it: `image_aspect_ratio` from the
+    tower library (`visual.preprocessing.default_aspect_ratio`), so the saved config is concrete."""
+    if vision.image_aspect_ratio is None:
+        vision.image_aspect_ratio = default_aspect_ratio(vision.vision_library)
+
+
 def validate_model_config(
     language: LanguageModelConfig,
     vision: VisionConfig,
@@ -81,7 +89,8 @@ def validate_model_config(
     """Reject values that would otherwise fail after the weights load, naming the flag."""
     check_choice("train_mode", lora.train_mode, TRAIN_MODES)
     check_choice("vision_library", vision.vision_library, LIBRARIES)
-    check_choice("image_aspect_ratio", vision.image_aspect_ratio, ASPECT_RATIOS)
+    if vision.image_aspect_ratio is not None:  # None: the tower's own (`resolve_defaults`)
+        check_choice("image_aspect_ratio", vision.image_aspect_ratio, ASPECT_RATIOS)
     check_choice("projector_type", projector.projector_type, PROJECTOR_KINDS)
     check_choice("dtype", language.dtype, DTYPE_NAMES)
     check_choice("bits", language.bits, BITS)

@@ -6,6 +6,10 @@ LLM sees the same number of image tokens whatever the tower. Design (Qwen-VL `Re
 - query = ln_q(learnable queries) + 2D sin-cos position (on the queries' own sqrt(Q) grid);
 - key = kv + the same position table, bicubically resized to the patch grid; value = kv, no position;
 - one multi-head cross-attention, then ln_post and a bias-free projection.
+This is the trainable projector; `visual/qwen_vl_tower.py`'s `QwenVLAttentionPool` is the frozen
+Qwen-VL tower's own pretrained pool. They stay two classes because their parameters differ in
+layout (a stored position table and Qwen-VL's checkpoint names there, a fixed buffer and
+`nn.MultiheadAttention` here); the position resize is shared.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from visual.qwen_vl_tower import resize_positions  # Qwen-VL's get_abs_pos, one copy
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -31,16 +36,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid*grid, D/2]
 
     return torch.cat([encode(rows), encode(cols)], dim=1).float()  # [grid*grid, D]
-
-
-def resize_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """Bicubically resize a square position table [g*g, D] to [grid*grid, D] (Qwen-VL get_abs_pos)."""
-    side = math.isqrt(table.shape[0])
-    if side == grid:
-        return table
-    image = table.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
-    image = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False)
-    return image.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)  # [grid*grid, D]
 
 
 class Resampler(nn.Module):
@@ -93,7 +88,7 @@ class Resampler(nn.Module):
                 f"resampler needs a square grid of patches to place 2D positions; got N={num_patches}"
             )
         kv = self.ln_kv(self.kv_proj(features))  # [n_img, N, Dl]
-        key_pos = resize_positions(self.pos_embed, side).to(kv.dtype)  # [N, Dl]
+        key_pos = resize_positions(self.pos_embed, num_patches).to(kv.dtype)  # [N, Dl]
         query = self.ln_q(self.query) + self.pos_embed.to(self.query.dtype)  # [Q, Dl]
         query = query.unsqueeze(0).expand(n_img, -1, -1)  # [n_img, Q, Dl]
         out, _ = self.attn(query, kv + key_pos, kv, need_weights=False)  # [n_img, Q, Dl]

@@ -16,8 +16,13 @@ from qwen import splice_image_features
 from qwen.loss import loss_chunk_size, supervised_cross_entropy
 
 # Config fields of LLMs whose logits are not plain `lm_head(hidden)` (Gemma 2's soft-capping,
-# Cohere's and Granite's scaling): those keep their own forward and loss.
+# Cohere's and Granite's scaling): those keep their own forward and loss. An LLM that transforms
+# its logits under any other name is caught at composition (`check_loss_path`), not trained wrongly.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# The probe batch of `check_loss_path`: token count, and how far the two losses may differ
+# (relative; bf16 rounding stays well inside it, a logit transform does not).
+PROBE_TOKENS = 8
+PROBE_RTOL = 1e-2
 
 
 def _transforms_logits(llm: nn.Module) -> bool:
@@ -135,6 +140,37 @@ class VisionLanguageModel(nn.Module):
         chunk_size = loss_chunk_size(self.llm.config)
         loss = supervised_cross_entropy(hidden_states, labels, lm_head, chunk_size)
         return CausalLMOutputWithPast(loss=loss)
+
+    @torch.no_grad()
+    def check_loss_path(self) -> None:
+        """Refuses an LLM whose own loss differs from the chunked `lm_head` loss of
+        `_decoder_loss` on a tiny probe batch, naming its class: its logits are transformed under
+        a name `LOGIT_TRANSFORMS` does not know, and training through `_decoder_loss` would
+        optimise a different loss. Called once by `model.builder.compose_vlm`."""
+        if self.native_splice or _transforms_logits(self.llm):
+            return  # their own forward computes the loss
+        embeddings = self.llm.get_input_embeddings()
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, embeddings.num_embeddings, (1, PROBE_TOKENS), generator=generator)
+        ids = ids.to(embeddings.weight.device)  # [1, T]
+        inputs = {"inputs_embeds": embeddings(ids)}  # [1, T, Dl]
+        mask = torch.ones_like(ids)
+        was_training = self.llm.training
+        self.llm.eval()  # no dropout: both losses see the same network
+        try:
+            own = self.llm(**inputs, attention_mask=mask, labels=ids, use_cache=False).loss
+            chunked = self._decoder_loss(inputs, mask, ids).loss
+        finally:
+            self.llm.train(was_training)
+        own, chunked = float(own), float(chunked)
+        if abs(own - chunked) > PROBE_RTOL * max(abs(own), 1e-6):
+            raise ValueError(
+                f"{type(self.llm).__name__}: its own loss ({own:.4f}) differs from the chunked "
+                f"lm_head loss ({chunked:.4f}) on a probe batch, so its final logits are "
+                "transformed in a way model/vlm.py does not know; add the config field that "
+                "enables the transform to LOGIT_TRANSFORMS in model/vlm.py so that it keeps "
+                "its own forward and loss"
+            )
 
     def _image_path_probe(self) -> torch.Tensor:
         """The projector on blank tower output `[1, N', Dl]`; with `probe_tower` (set by the run

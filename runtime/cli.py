@@ -1,11 +1,17 @@
 """The flags every command that loads a trained checkpoint shares (test.py, merge, export,
 evaluation, the web chat), spelled once: base-path overrides and the base-weights check; and the
-model stack's known noise, silenced by each entry point's main()."""
+model stack's known noise, silenced by each entry point's main(); and the prompt helpers of the
+commands that ask about image files (`test.py`, the evaluation's prompts)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from dataprocess.schema import IMAGE_MARKER
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,3 +61,23 @@ def silence_known_warnings() -> None:
     log = logging.getLogger(_BITSANDBYTES_CPU_LOGGER)
     if not any(isinstance(f, _DropKernelsHint) for f in log.filters):
         log.addFilter(_DropKernelsHint())
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """`--image_path`: a file, or every image file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"--image_path {path}: the folder holds no image files")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"--image_path {path}: no such file or folder")
+    return [path]
+
+
+def with_image_marker(prompt: str, num_images: int) -> str:
+    """Put one `<image>` marker per image in front of a prompt that has none."""
+    if num_images and IMAGE_MARKER not in prompt:
+        return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + prompt
+    return prompt

@@ -24,6 +24,7 @@ from model.config import (
     ProjectorConfig,
     VisionConfig,
     check_choice,
+    resolve_defaults,
     validate_model_config,
 )
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
@@ -164,6 +165,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ValueError(f"unknown setting {name!r}")
         setattr(owner, name, value)
     config = RunConfig(**sections)
+    resolve_defaults(config.vision)
     validate_config(config)
     return config
 

@@ -31,7 +31,6 @@ from visual import load_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 CONTROL_TOKEN_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 ImageInput = Path | str | Image.Image  # a file, or an image already decoded (e.g. from a TSV)
 
@@ -307,31 +306,3 @@ class _ReplyStreamer(BaseStreamer):
     def texts(self) -> Iterator[str]:
         while (text := self.queue.get()) is not None:
             yield text
-
-
-def image_files(path: str | Path) -> list[Path]:
-    """A file, or every image file in a folder (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"--image_path {path}: the folder holds no image files")
-        return files
-    if not path.is_file():
-        raise FileNotFoundError(f"--image_path {path}: no such file or folder")
-    return [path]
-
-
-def with_image_marker(prompt: str, num_images: int) -> str:
-    """Put one `<image>` marker per image in front of a prompt that has none."""
-    if num_images and IMAGE_MARKER not in prompt:
-        return "".join(f"{IMAGE_MARKER}\n" for _ in range(num_images)) + prompt
-    return prompt
-
-
-def normalise_answer(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".。!！").split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalise_answer(prediction) == normalise_answer(reference)

@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import openai
 import torch
 import uvicorn
+from conftest import free_port
 
 from model.builder import build_vlm
 from model.checkpoint import describe, save_trainable
@@ -59,12 +59,6 @@ def answer_of_test_py(checkpoint: Path, image: Path, text: str) -> str:
                           "--image_path", str(image), "--prompt", text,
                           "--max_new_tokens", str(MAX_NEW_TOKENS)])  # fmt: skip
     return out.getvalue().rstrip("\n").split("\t", 1)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

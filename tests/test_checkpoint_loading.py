@@ -11,53 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint, truncate
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from demo.tiny_models import save_tiny_qwen
-from model.builder import build_vlm
-from model.checkpoint import CheckpointError, describe, load_vlm, save_trainable
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
+from model.checkpoint import CheckpointError, load_vlm
 from model.projector import build_projector
-from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
 from runtime import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def save_checkpoint(out: Path, qwen_dir, clip_dir, *, relative_to: Path | None = None) -> Path:
-    paths = [str(qwen_dir), str(clip_dir)]
-    if relative_to is not None:  # as a user would type them, relative to the training cwd
-        paths = [os.path.relpath(p, relative_to) for p in paths]
-    language = LanguageModelConfig(language_model=paths[0], dtype="float32")
-    vision = VisionConfig(vision_model=paths[1])
-    cwd = Path.cwd()
-    try:
-        os.chdir(relative_to or cwd)
-        torch.manual_seed(0)
-        vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
-        configure_trainable(vlm, LoraSettings(lora_rank=4))
-        description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="s")
-    finally:
-        os.chdir(cwd)
-    save_trainable(vlm, tokenizer, out, description)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_qwen_dir, tiny_clip_dir)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_qwen_dir, tiny_clip_dir)
 
 
 def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
     import shutil
 
     return Path(shutil.copytree(checkpoint, tmp_path / "copy"))
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.parametrize("name", ["projector.safetensors", "adapter/adapter_model.safetensors"])
@@ -108,7 +82,7 @@ def test_other_base_weights_are_refused_unless_allowed(checkpoint, tmp_path, cap
 def test_a_checkpoint_trained_with_relative_paths_loads_from_another_directory(
     tmp_path, tiny_qwen_dir, tiny_clip_dir
 ):
-    out = save_checkpoint(tmp_path / "ckpt", tiny_qwen_dir, tiny_clip_dir, relative_to=ROOT)
+    out = save_tiny_checkpoint(tmp_path / "ckpt", tiny_qwen_dir, tiny_clip_dir, relative_to=ROOT)
     recorded = json.loads((out / "vlm_config.json").read_text())["language_model"]
     assert Path(recorded["language_model"]).is_absolute()
     elsewhere = tmp_path / "elsewhere"

@@ -26,13 +26,6 @@ IMAGE_ID = 151646  # <|extra_0|>
 N = 3
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from qwen import QWenTokenizer
-
-    return QWenTokenizer()
-
-
 def _record(record_id: str, image: str | None = None, answer: str = "A dot.") -> dict:
     record: dict = {"id": record_id}
     if image is not None:

@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from dataprocess.__main__ import main
 from dataprocess.process_image import expand_to_square, process_images, resize_image
 from dataprocess.schema import Record, Turn
 from dataprocess.stats import percentile, record_length, run_stats, summarize
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from qwen import QWenTokenizer
-
-    return QWenTokenizer()
 
 
 def test_record_length_is_the_training_rendering(tokenizer) -> None:

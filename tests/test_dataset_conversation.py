@@ -16,13 +16,6 @@ IMAGE_ID = 151646  # <|extra_0|>
 N = 4
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from qwen import QWenTokenizer
-
-    return QWenTokenizer()
-
-
 def _supervised_runs(labels: list[int]) -> list[list[int]]:
     """Contiguous runs of supervised label ids."""
     runs, current = [], []

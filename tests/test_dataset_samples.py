@@ -21,13 +21,6 @@ N = 3
 PAD = 151643  # <|endoftext|>: pad id and also a real token
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from qwen import QWenTokenizer
-
-    return QWenTokenizer()
-
-
 def _record(record_id: str, images: list[str], answer: str = "A dot.") -> dict:
     question = "".join("<image>\n" for _ in images) + "What is it?"
     record = {

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 from test_training_runs import final_weights, flags, losses_of, write_mixed_data
 
@@ -149,12 +149,6 @@ def engine_flags(tiny_qwen_dir, tiny_clip_dir, shapes_dir, one_image_data):
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_two_processes(script: str, args: list[str], command: list[str] = TORCHRUN) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import truncate
 from PIL import Image
 from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
@@ -256,10 +257,6 @@ def test_export_is_byte_identical_sharded_and_in_the_dtype(exports, work):
     generation = json.loads((first / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [151645, 151644, 151643]
     assert generation["pad_token_id"] == 151643
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def test_a_damaged_checkpoint_is_named_and_nothing_is_written(exports, work):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_flags
 
 import train
 from dataprocess.__main__ import main as dataprocess_main
@@ -149,26 +150,10 @@ def test_uncovered_records_are_named(tower, tiny_qwen_dir, tiny_clip_dir, shapes
 
 
 def run_flags(tiny_qwen_dir, tiny_clip_dir, shapes_dir, out, **extra) -> list[str]:
-    settings = {
-        "language_model": tiny_qwen_dir,
-        "dtype": "float32",
-        "vision_model": tiny_clip_dir,
-        "data_path": shapes_dir / "train.json",
-        "image_folder": shapes_dir,
-        "model_max_length": 128,
-        "train_mode": "projector",
-        "output_dir": out,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "per_device_train_batch_size": 4,
-        "max_steps": 4,
-        "feature_proj_lr": 1e-2,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "seed": 3,
-        **extra,
-    }
-    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    settings = {"train_mode": "projector", "per_device_train_batch_size": 4, "max_steps": 4,
+                "feature_proj_lr": 1e-2, "seed": 3, **extra}  # fmt: skip
+    data = shapes_dir / "train.json"
+    return train_flags(tiny_qwen_dir, tiny_clip_dir, data, shapes_dir, out, **settings)
 
 
 def test_training_from_the_cache_matches_live_training(

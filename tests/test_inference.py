@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from dataset.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
-from model.builder import build_vlm
-from model.checkpoint import describe, save_trainable
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
-from model.trainable import configure_trainable
 from qwen import QWenTokenizer
 from runtime.inference import GenerationSettings, InferenceSession
 
@@ -67,15 +64,8 @@ def test_prompt_for_turn_k_is_the_training_rendering_of_its_history(system):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir):
-    language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
-    vision = VisionConfig(vision_model=str(tiny_clip_dir))
-    torch.manual_seed(0)
-    vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
-    configure_trainable(vlm, LoraSettings(lora_rank=4))
     out = tmp_path_factory.mktemp("ckpt")
-    description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="Be brief.")
-    save_trainable(vlm, tokenizer, out, description)
-    return out
+    return save_tiny_checkpoint(out, tiny_qwen_dir, tiny_clip_dir, system_prompt="Be brief.")
 
 
 class PromptRecorder:
@@ -156,7 +146,7 @@ def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_
     data.write_text(json.dumps(records), encoding="utf-8")
     report = prompt_test.main(
         ["--model_weights", str(checkpoint), "--data_path", str(data),
-         "--image_folder", str(shapes_dir), "--max_new_tokens", "2"]
+         "--image_folder", str(shapes_dir), "--max_new_tokens", "2", "--batch_size", "1"]
     )  # fmt: skip
     assert [a["reference"] for a in report["answers"]] == ["red", "top left"]
     first, last = recorders[0].prompts
@@ -164,6 +154,59 @@ def test_evaluation_asks_each_records_last_question(checkpoint, shapes_dir, tmp_
     assert last.endswith("Where is the shape?<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>assistant\nred<|im_end|>" in last
     assert "<|im_start|>assistant\ncircle<|im_end|>" in last
+
+
+def test_test_py_and_the_records_benchmark_give_one_score(checkpoint, shapes_dir, tmp_path):
+    """`test.py --data_path` answers and scores through `runtime.evaluation`'s records path: the
+    same answers, the same exact match overall and by questions asked, for a set where half of
+    the references are the model's own answers (so the score is neither 0 nor 100)."""
+    from runtime.evaluation.cli import main as evaluation_main
+
+    flags = ["--image_folder", str(shapes_dir), "--max_new_tokens", "3"]
+    model = ["--model_weights", str(checkpoint)]
+    first = prompt_test.main([*model, "--data_path", str(shapes_dir / "test.json"), *flags])
+    said = {answer["id"]: answer["prediction"] for answer in first["answers"]}
+    records = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))
+    for record in records[::2]:
+        record["conversations"][-1]["value"] = said[record["id"]]
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+
+    ours = prompt_test.main([*model, "--data_path", str(data), *flags])
+    out = tmp_path / "eval"
+    theirs = evaluation_main(["--benchmark", "records", "--data", str(data), *model,
+                              "--output_dir", str(out), "--no_progress", *flags])  # fmt: skip
+    assert 0 < ours["exact_match"] < 1
+    assert theirs["scores"]["exact_match"] == pytest.approx(100 * ours["exact_match"])
+    by_turns = theirs["breakdown"]["by questions asked"]
+    assert {n: row["exact_match"] / 100 for n, row in by_turns.items()} == pytest.approx(
+        ours["exact_match_by_turns"]
+    )
+    rows = (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = {row["question_id"]: row["answer"] for row in map(json.loads, rows)}
+    assert answers == {answer["id"]: answer["prediction"] for answer in ours["answers"]}
+
+
+def test_records_whose_image_is_missing_or_corrupt_stop_or_are_skipped(
+    checkpoint, shapes_dir, tmp_path
+):
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    (tmp_path / "good.png").write_bytes(image.read_bytes())
+    (tmp_path / "corrupt.png").write_bytes(image.read_bytes()[:40])
+    records = [
+        {"id": name, "image": file, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the shape?"},
+            {"from": "gpt", "value": "red"}]}
+        for name, file in [("good", "good.png"), ("gone", "gone.png"), ("bad", "corrupt.png")]
+    ]  # fmt: skip
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    argv = ["--model_weights", str(checkpoint), "--data_path", str(data), "--max_new_tokens", "2"]
+    with pytest.raises(ValueError, match="gone.png.*pass --skip_bad_images"):
+        prompt_test.main(argv)  # images under the data file's folder by default
+    report = prompt_test.main([*argv, "--skip_bad_images"])
+    assert [a["id"] for a in report["answers"]] == ["good"]
+    assert [s["id"] for s in report["skipped"]] == ["gone", "bad"]
 
 
 def test_answers_are_the_same_through_the_session_and_by_hand(checkpoint, shapes_dir):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_flags
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -565,31 +566,13 @@ def test_extracted_tower_loads_like_the_checkpoint(release_dirs, tmp_path, capsy
 
 def run_flags(tiny_qwen_dir, tower_dir, shapes_dir, out, **extra) -> list[str]:
     settings = {
-        "language_model": tiny_qwen_dir,
-        "dtype": "float32",
-        "vision_model": tower_dir,
-        "vision_library": "qwen_vl",
-        "vision_feature_layer": -1,
-        "image_aspect_ratio": "resize",
-        "data_path": shapes_dir / "train.json",
-        "image_folder": shapes_dir,
-        "model_max_length": 128,
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "learning_rate": 2e-2,
-        "feature_proj_lr": 2e-2,
-        "lr_scheduler_type": "constant",
-        "output_dir": out,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "per_device_train_batch_size": 4,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "seed": 5,
-        **extra,
-    }
-    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+        "vision_library": "qwen_vl", "vision_feature_layer": -1, "image_aspect_ratio": "resize",
+        "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 2e-2,
+        "feature_proj_lr": 2e-2, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 4, "seed": 5, **extra,
+    }  # fmt: skip
+    data = shapes_dir / "train.json"
+    return train_flags(tiny_qwen_dir, tower_dir, data, shapes_dir, out, **settings)
 
 
 def losses(trainer) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,22 @@ def test_accelerate_launch_files(path):
 def test_deepspeed_flag_names_a_missing_file():
     with pytest.raises(ValueError, match="--deepspeed"):
         load_config(None, {"deepspeed": "configs/deepspeed/zero9.json"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, "pad"),  # LLaVA's convention for CLIP / SigLIP towers
+        ({"vision_library": "qwen_vl"}, "resize"),  # Qwen-VL's own preprocessing
+        ({"vision_library": "qwen_vl", "image_aspect_ratio": "pad"}, "pad"),  # the flag wins
+        ({"image_aspect_ratio": "resize"}, "resize"),
+    ],
+)
+def test_the_aspect_ratio_defaults_to_the_towers_own(overrides, expected):
+    assert load_config(overrides=overrides).vision.image_aspect_ratio == expected
+
+
+def test_the_train_script_names_recipes_that_exist():
+    script = (CONFIGS.parent / "train.sh").read_text(encoding="utf-8")
+    named = {Path(name).name for name in re.findall(r"configs/[\w.-]+\.yaml", script)}
+    assert named and named <= {path.name for path in RECIPES}

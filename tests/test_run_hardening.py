@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import truncate
 from safetensors.torch import save_file
 
 import train
@@ -189,10 +190,6 @@ def test_a_checkpoint_missing_a_state_file_is_refused(forged, name):
     (forged / "checkpoint-2" / name).unlink()
     with pytest.raises(CheckpointError, match=f"{name}: missing.*--resume_weights_only"):
         train.main(flags(forged, resume_from_checkpoint="latest"))
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def flip_a_byte(path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_flags
 from safetensors.torch import load_file
 
 import train
@@ -30,28 +31,9 @@ pytestmark = pytest.mark.slow
 
 
 def flags(tiny_qwen_dir, tiny_clip_dir, data_path, image_folder, out, **extra) -> list[str]:
-    settings = {
-        "language_model": tiny_qwen_dir,
-        "dtype": "float32",
-        "vision_model": tiny_clip_dir,
-        "data_path": data_path,
-        "image_folder": image_folder,
-        "model_max_length": 128,
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "output_dir": out,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "per_device_train_batch_size": 2,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "seed": 7,
-        **extra,
-    }
-    switches = [f"--{key}" for key, value in settings.items() if value is True]
-    values = {key: value for key, value in settings.items() if value is not True}
-    return switches + [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    settings = {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                "per_device_train_batch_size": 2, "seed": 7, **extra}  # fmt: skip
+    return train_flags(tiny_qwen_dir, tiny_clip_dir, data_path, image_folder, out, **settings)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -30,17 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import free_port, save_tiny_checkpoint
 from PIL import Image
 
 from dataprocess.boxes import Box, coco_to_qwen
-from model.builder import build_vlm
-from model.checkpoint import describe, save_trainable
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
-from model.trainable import configure_trainable
 from runtime.inference import GenerationSettings, InferenceSession
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (requirements-web.txt)")
+
 from runtime.web import app as web_app  # noqa: E402 - needs gradio
 from runtime.web.chat import ChatInputError, session_inputs, settings_from  # noqa: E402
 
@@ -54,16 +50,7 @@ ERROR_SCREENSHOT = REPO / "outputs" / "web_test_error.png"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir) -> Path:
-    """A tiny random checkpoint, built as tests/test_checkpoint_loading.py builds one."""
-    language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
-    vision = VisionConfig(vision_model=str(tiny_clip_dir))
-    torch.manual_seed(0)
-    vlm, tokenizer = build_vlm(language, vision, ProjectorConfig())
-    configure_trainable(vlm, LoraSettings(lora_rank=4))
-    description = describe(vlm, language, vision, ProjectorConfig(), system_prompt="s")
-    out = tmp_path_factory.mktemp("web-ckpt")
-    save_trainable(vlm, tokenizer, out, description)
-    return out
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("web-ckpt"), tiny_qwen_dir, tiny_clip_dir)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +78,6 @@ def answer_of_test_py(checkpoint: Path, image: Path, question: str) -> str:
                           "--image_path", str(image), "--prompt", question,
                           "--max_new_tokens", str(MAX_NEW_TOKENS)])  # fmt: skip
     return out.getvalue().rstrip("\n").split("\t", 1)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def same_text(text: str) -> str:

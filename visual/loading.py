@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visual.preprocessing import DEFAULT_ASPECT_RATIO, pads_to_square
+from visual.preprocessing import default_aspect_ratio, pads_to_square
 from visual.tower import VisionTower
 
 LIBRARIES = ("transformers", "open_clip", "qwen_vl")
@@ -14,7 +14,7 @@ def load_vision_tower(
     name_or_path: str,
     library: str = "transformers",
     feature_layer: int = -2,
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+    image_aspect_ratio: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     pretrained: str | None = None,
@@ -26,11 +26,13 @@ def load_vision_tower(
     tag or weights file), "local-dir:/path", "hf-hub:org/repo", or a dir with
     open_clip_config.json. library="qwen_vl": the visual encoder of a Qwen-VL / Qwen-VL-Chat
     checkpoint dir or hub id, or a tower made by `python -m visual.qwen_vl extract`.
-    `feature_layer` follows the hidden_states convention (-2 = LLaVA's penultimate layer); for
+    `image_aspect_ratio` None takes the library's own (`default_aspect_ratio`: Qwen-VL's resize,
+    LLaVA's pad for the others). `feature_layer` follows the hidden_states convention (-2 = LLaVA's penultimate layer); for
     qwen_vl the resampler output is appended to that list, so -1 selects it (see
     visual/qwen_vl_tower.py). `dtype` defaults to float32. The returned tower's `settings`
     rebuild it: `load_vision_tower(**tower.settings)`.
     """
+    image_aspect_ratio = image_aspect_ratio or default_aspect_ratio(library)
     pads_to_square(image_aspect_ratio)  # fail on a bad flag before loading any weights
     if library == "transformers":
         if pretrained is not None:

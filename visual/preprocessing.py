@@ -22,6 +22,15 @@ from visual.image_io import to_rgb
 ASPECT_RATIOS = ("resize", "pad")
 # LLaVA-1.5's choice: pad to a square with the mean colour, so nothing is cropped away.
 DEFAULT_ASPECT_RATIO = "pad"
+# Towers trained with another convention keep theirs unless the flag says otherwise: Qwen-VL's
+# own preprocessing resizes to a square (visual/qwen_vl_tower.py).
+TOWER_ASPECT_RATIOS = {"qwen_vl": "resize"}
+
+
+def default_aspect_ratio(library: str) -> str:
+    """The aspect-ratio handling of a tower library when `image_aspect_ratio` is not given."""
+    return TOWER_ASPECT_RATIOS.get(library, DEFAULT_ASPECT_RATIO)
+
 
 # Defaults used only when a checkpoint ships no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -41,9 +41,9 @@ from PIL import Image
 from torch import nn
 
 from visual.preprocessing import (
-    DEFAULT_ASPECT_RATIO,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    TOWER_ASPECT_RATIOS,
     ImagePreprocessor,
     pads_to_square,
 )
@@ -140,8 +140,10 @@ class PoolAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).flatten(2))  # [B, Q, E]
 
 
-class Resampler(nn.Module):
-    """`attn_pool`: n_queries learned queries cross-attend to the ViT patches."""
+class QwenVLAttentionPool(nn.Module):
+    """`attn_pool`: n_queries learned queries cross-attend to the ViT patches. Qwen-VL calls it
+    `Resampler`; renamed so it is not confused with the trainable projector of the same design
+    (`model/resampler.py`), whose parameters are laid out differently."""
 
     def __init__(self, config: QwenVLVisualConfig) -> None:
         super().__init__()
@@ -174,7 +176,7 @@ class QwenVLVisual(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(POSITION_TABLE_ROWS, width))
         self.ln_pre = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.transformer = ViTBlocks(config)
-        self.attn_pool = Resampler(config)
+        self.attn_pool = QwenVLAttentionPool(config)
         self.ln_post = nn.LayerNorm(config.output_dim, eps=LAYER_NORM_EPS)
         self.proj = nn.Parameter(torch.empty(config.output_dim, config.output_dim))
 
@@ -258,7 +260,7 @@ def qwen_vl_preprocessor(image_size: int, image_aspect_ratio: str) -> ImagePrepr
 def load_qwen_vl_tower(
     name_or_path: str,
     feature_layer: int = -1,
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+    image_aspect_ratio: str = TOWER_ASPECT_RATIOS["qwen_vl"],
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> QwenVLVisionTower:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 logger = logging.getLogger("runtime.evaluation")
 
-BENCHMARKS = ("mme", "pope", "mmbench", "scienceqa", "textvqa", "records")
 LANGUAGES = ("auto", "en", "zh")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from model.config import DTYPE_NAMES
     from runtime.cli import add_checkpoint_flags
+    from runtime.evaluation.registry import BENCHMARKS
+    from runtime.evaluation.runner import EVALUATION_BATCH_SIZE
     from runtime.inference import GenerationSettings
 
     p = argparse.ArgumentParser(
@@ -31,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Evaluate a trained VLM on a benchmark (or score an answers file). "
         "`python -m runtime.evaluation compare RUN_DIR ...` tabulates several runs.",
     )
-    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     p.add_argument(
         "--data", required=True, help="the benchmark's file or folder (docs/EVALUATION.md)"
     )
@@ -40,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_weights", "--checkpoint", help="training output dir to evaluate")
     source.add_argument("--answers", help="score this JSONL of {question_id, answer}; no model")
-    p.add_argument("--batch_size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--batch_size", type=int, default=EVALUATION_BATCH_SIZE,
+                   help="questions per generate call")  # fmt: skip
     p.add_argument("--limit", type=int, help="only the first N questions (MME images, MMBench "
                    "questions with all their rotations)")  # fmt: skip
     p.add_argument("--lang", default="auto", choices=LANGUAGES,
@@ -69,9 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_questions(args: argparse.Namespace) -> tuple[list, list[dict]]:
     """The benchmark's questions (the first `--limit` groups of them) that can be asked, and the
     skipped ones ({question_id, problem}; empty unless --skip_bad_questions)."""
-    from runtime.evaluation import loaders
-    from runtime.evaluation.mmbench import load_mmbench
     from runtime.evaluation.questions import limit_groups, screen_questions
+    from runtime.evaluation.registry import BENCHMARKS
 
     data = Path(args.data)
     if not data.exists():
@@ -79,24 +80,14 @@ def load_questions(args: argparse.Namespace) -> tuple[list, list[dict]]:
     folder = Path(args.image_folder) if args.image_folder else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"--image_folder {folder}: no such directory")
-    if args.benchmark == "mme":
-        questions = loaders.load_mme(data)
-    elif args.benchmark == "pope":
-        questions = loaders.load_pope(data, folder)
-    elif args.benchmark == "mmbench":
-        questions = load_mmbench(data, args.lang, rotate=not args.no_rotation)
-    elif args.benchmark == "scienceqa":
-        questions = loaders.load_scienceqa(data, folder, args.split)
-    elif args.benchmark == "textvqa":
-        questions = loaders.load_textvqa(data, folder)
-    else:
-        questions = loaders.load_records(data, folder)
+    benchmark = BENCHMARKS[args.benchmark]
+    questions = benchmark.load(data, folder, args)
     if not questions:
         raise ValueError(f"--data {data}: no questions found")
     questions, skipped = screen_questions(
         limit_groups(questions, args.limit),
         f"{args.benchmark} {data}",
-        multiple_choice=args.benchmark in ("mmbench", "scienceqa"),
+        multiple_choice=benchmark.multiple_choice,
         skip=args.skip_bad_questions,
     )
     if skipped:

@@ -189,9 +189,13 @@ def load_textvqa(data: Path, image_folder: Path | None) -> list[Question]:
     return refuse_duplicate_ids(questions, data)
 
 
-def load_records(data: Path, image_folder: Path | None) -> list[Question]:
+def load_records(
+    data: Path, image_folder: Path | None, allow_outside: bool = False
+) -> list[Question]:
     """Our training records (LLaVA chat schema): the last assistant turn is the reference, the
-    turns before it (system prompt and history included) are the prompt."""
+    turns before it (system prompt and history included) are the prompt. Images are found under
+    `image_folder` (default: the data file's folder), never outside it unless `allow_outside`.
+    The one held-out loader: `--benchmark records` and `test.py --data_path`."""
     folder = image_folder or data.parent
     questions = []
     for index, raw in iter_raw_records(data):
@@ -201,7 +205,10 @@ def load_records(data: Path, image_folder: Path | None) -> list[Question]:
             raise ValueError(f"{data}, record {record.id!r}: must end with an assistant turn")
         system = next((t.content for t in record.turns if t.role == "system"), None)
         try:
-            images = tuple(confined_image_path(folder, name) for name in record.images)
+            images = tuple(
+                confined_image_path(folder, name, allow_outside=allow_outside)
+                for name in record.images
+            )
         except ValueError as error:
             raise ValueError(f"{data}, record {record.id!r}: {error}") from None
         questions.append(Question(

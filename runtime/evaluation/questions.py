@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime.inference import with_image_marker
+from runtime.cli import with_image_marker
 from visual import ImageLoadError, load_image
 
 LETTERS = "ABCDEFGHIJ"
@@ -158,7 +158,12 @@ def question_problem(question: Question, multiple_choice: bool) -> str | None:
 
 
 def screen_questions(
-    questions: list[Question], where: str, *, multiple_choice: bool, skip: bool
+    questions: list[Question],
+    where: str,
+    *,
+    multiple_choice: bool,
+    skip: bool,
+    skip_flag: str = "--skip_bad_questions",
 ) -> tuple[list[Question], list[dict]]:
     """The questions that can be asked, and the skipped ones as {question_id, problem}.
 
@@ -177,7 +182,7 @@ def screen_questions(
     if not skip:
         raise ValueError(
             f"{where}: {len(problems)} question(s) cannot be asked or scored, e.g. {examples}; "
-            "fix the files (or --image_folder) or pass --skip_bad_questions to skip and count them"
+            f"fix the files (or --image_folder) or pass {skip_flag} to skip and count them"
         )
     bad_groups = {q.group for q in questions if q.question_id in problems}
     kept = [q for q in questions if q.group not in bad_groups]

@@ -28,6 +28,7 @@ _CHANGES = {
     "model_content": "model_content: the model at --model_weights changed, e.g. retrained in place",
     "data_content": "data_content: the --data files changed",
 }
+EVALUATION_BATCH_SIZE = 8  # questions per generate call, unless --batch_size
 
 
 def read_answers(path: Path, *, repair: bool = False) -> dict[str, str]:
@@ -86,6 +87,21 @@ def _batches(questions: list[Question], size: int) -> Iterator[list[Question]]:
         yield questions[start : start + size]
 
 
+def answer_batches(
+    session, questions: list[Question], batch_size: int
+) -> Iterator[list[tuple[Question, str]]]:
+    """(question, reply) pairs, one batch per `answer_batch` call. Similar lengths share a batch
+    (less padding), so the same questions and batch size always form the same batches."""
+    ordered = sorted(questions, key=lambda q: (len(q.images), sum(len(c) for c in q.contents)))
+    for batch in _batches(ordered, batch_size):
+        replies = session.answer_batch(
+            [(q.roles, q.contents) for q in batch],
+            [[decode_image(image, q.question_id) for image in q.images] for q in batch],
+            system_prompts=[q.system_prompt for q in batch],
+        )
+        yield list(zip(batch, replies, strict=True))
+
+
 def answer_questions(
     session, questions: list[Question], output_dir: Path, batch_size: int, progress: bool = True
 ) -> dict[str, str]:
@@ -95,25 +111,18 @@ def answer_questions(
     path = output_dir / ANSWERS_FILE
     answers = read_answers(path, repair=True)
     pending = [q for q in questions if q.question_id not in answers]
-    # Similar lengths share a batch (less padding); the order of answers does not matter.
-    pending.sort(key=lambda q: (len(q.images), sum(len(c) for c in q.contents)))
     if len(pending) < len(questions):
         logger.info("resuming: %d of %d questions already answered",
                     len(questions) - len(pending), len(questions))  # fmt: skip
     bar = tqdm(total=len(questions), initial=len(questions) - len(pending), unit="question",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     with path.open("a", encoding="utf-8") as file, bar:
-        for batch in _batches(pending, batch_size):
-            replies = session.answer_batch(
-                [(q.roles, q.contents) for q in batch],
-                [[decode_image(image, q.question_id) for image in q.images] for q in batch],
-                system_prompts=[q.system_prompt for q in batch],
-            )
-            for question, reply in zip(batch, replies, strict=True):
+        for pairs in answer_batches(session, pending, batch_size):
+            for question, reply in pairs:
                 row = {"question_id": question.question_id, "answer": reply}
                 file.write(json.dumps(row, ensure_ascii=False) + "\n")
                 answers[question.question_id] = reply
             file.flush()
             os.fsync(file.fileno())
-            bar.update(len(batch))
+            bar.update(len(pairs))
     return answers

@@ -13,13 +13,21 @@ from collections import defaultdict
 
 from runtime.evaluation.extraction import extract_choice, extract_yes_no
 from runtime.evaluation.loaders import MME_COGNITION, MME_PERCEPTION
-from runtime.evaluation.mmbench import score_mmbench
 from runtime.evaluation.questions import Question
 from runtime.evaluation.vqa_accuracy import vqa_accuracy
-from runtime.inference import exact_match
 
 logger = logging.getLogger(__name__)
 SCIENCEQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+def normalise_answer(text: str) -> str:
+    """Case, surrounding space, runs of spaces and a final full stop / exclamation mark ignored."""
+    return " ".join(text.strip().lower().rstrip(".。!！").split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The records' metric (`test.py --data_path`, `--benchmark records`, the export parity)."""
+    return normalise_answer(prediction) == normalise_answer(reference)
 
 
 def _percent(flags: list) -> float:
@@ -124,7 +132,7 @@ def score_textvqa(questions: list[Question], answers: dict[str, str]) -> dict:
 
 
 def score_records(questions: list[Question], answers: dict[str, str]) -> dict:
-    """Exact match of the last answer (runtime.inference.exact_match), overall and by the number
+    """Exact match of the last answer (`exact_match`), overall and by the number
     of questions asked in the record."""
     by_turns: dict[str, list[bool]] = defaultdict(list)
     flags = []
@@ -138,19 +146,11 @@ def score_records(questions: list[Question], answers: dict[str, str]) -> dict:
     return {"scores": {"exact_match": _percent(flags)}, "breakdown": breakdown, "unparsed": 0}
 
 
-SCORERS = {
-    "mme": score_mme,
-    "pope": score_pope,
-    "mmbench": score_mmbench,
-    "scienceqa": score_scienceqa,
-    "textvqa": score_textvqa,
-    "records": score_records,
-}
-
-
 def score(benchmark: str, questions: list[Question], answers: dict[str, str]) -> dict:
     """The benchmark's scores plus the counts: questions, answered, missing, unparsed."""
-    result = SCORERS[benchmark](questions, answers)
+    from runtime.evaluation.registry import BENCHMARKS  # it names these scorers
+
+    result = BENCHMARKS[benchmark].score(questions, answers)
     answered = sum(q.question_id in answers for q in questions)
     result["counts"] = {
         "questions": len(questions),
