@@ -120,6 +120,7 @@ def test_validate_accepts_what_training_decodes(folder, name):
 CHECK_ONLY = {
     "dataprocess/validate.py": "verify",
     "runtime/evaluation/questions.py": "verify",
+    "runtime/serve/media.py": "header",
     "runtime/web/chat.py": "header",
 }
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START
 from runtime.export.gguf_export import IMAGE_TOKEN_KEY, MMPROJ_FILE, TEXT_FILE
+from visual import load_image
 
 
 class LlamaCppVLM:
@@ -157,8 +158,7 @@ class LlamaCppVLM:
         self.llama.close()
 
     def _bitmap(self, image):
-        picture = image if isinstance(image, Image.Image) else Image.open(image)
-        rgb = picture.convert("RGB")
+        rgb = load_image(image)  # the one decoder: the pixels our session sees
         data = rgb.tobytes()
         buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bitmap = self._mtmd.mtmd_bitmap_init(rgb.width, rgb.height, buffer)
