@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint as save_checkpoint
 from safetensors.torch import load_file, save_file
-from test_checkpoint_loading import save_checkpoint
 from test_evaluation import pope_files  # noqa: F401 - a fixture
 from test_run_hardening import flags, forge_checkpoint
 
