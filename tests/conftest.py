@@ -77,6 +77,33 @@ def truncate(path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def held_out(shapes_dir, index: int):
+    """A test-split image of the shapes data and its first question (without the <image> marker)."""
+    import json
+
+    record = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))[index]
+    return shapes_dir / record["image"], record["conversations"][0]["value"].split("\n", 1)[1]
+
+
+def answer_of_test_py(checkpoint, image, question: str, max_new_tokens: int = 8) -> str:
+    """What `python test.py --image_path IMAGE --prompt QUESTION` prints as the answer."""
+    import contextlib
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "test.py"
+    spec = importlib.util.spec_from_file_location("prompt_test", script)
+    prompt_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prompt_test)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        prompt_test.main(["--model_weights", str(checkpoint), "--dtype", "float32",
+                          "--image_path", str(image), "--prompt", question,
+                          "--max_new_tokens", str(max_new_tokens)])  # fmt: skip
+    return out.getvalue().rstrip("\n").split("\t", 1)[1]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now."""
     import socket

@@ -18,15 +18,14 @@ from runtime.inference import GenerationSettings, InferenceSession
 
 openai = pytest.importorskip("openai", reason="openai is not installed (requirements.txt)")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (requirements-web.txt)")
+from conftest import answer_of_test_py, held_out  # noqa: E402
+from conftest import save_tiny_checkpoint as save_checkpoint  # noqa: E402
 from serve_helpers import (  # noqa: E402
     KEY,
     MAX_NEW_TOKENS,
-    answer_of_test_py,
     client_for,
-    held_out,
     image_part,
     question,
-    save_checkpoint,
     serving,
 )
 

@@ -18,7 +18,8 @@ from runtime.inference import GenerationSettings, InferenceSession
 openai = pytest.importorskip("openai", reason="openai is not installed (requirements.txt)")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (requirements-web.txt)")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (requirements-web.txt)")
-from serve_helpers import KEY, client_for, save_checkpoint, serving  # noqa: E402
+from conftest import save_tiny_checkpoint as save_checkpoint  # noqa: E402
+from serve_helpers import KEY, client_for, serving  # noqa: E402
 
 from runtime.serve.config import ServeConfig  # noqa: E402 - needs fastapi
 from runtime.serve.scheduler import BatchScheduler, Job  # noqa: E402

@@ -15,8 +15,6 @@ loudly, without them.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import os
 import re
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, save_tiny_checkpoint
+from conftest import answer_of_test_py, free_port, held_out, save_tiny_checkpoint
 from PIL import Image
 
 from dataprocess.boxes import Box, coco_to_qwen
@@ -57,27 +55,6 @@ def checkpoint(tmp_path_factory, tiny_qwen_dir, tiny_clip_dir) -> Path:
 def session(checkpoint) -> InferenceSession:
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     return InferenceSession.from_checkpoint(checkpoint, dtype="float32", settings=settings)
-
-
-def held_out(shapes_dir: Path, index: int) -> tuple[Path, str]:
-    """A test-split image and its first question (without the <image> marker)."""
-    record = json.loads((shapes_dir / "test.json").read_text(encoding="utf-8"))[index]
-    return shapes_dir / record["image"], record["conversations"][0]["value"].split("\n", 1)[1]
-
-
-def answer_of_test_py(checkpoint: Path, image: Path, question: str) -> str:
-    """What `python test.py --image_path IMAGE --prompt QUESTION` prints as the answer."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prompt_test", REPO / "test.py")
-    prompt_test = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prompt_test)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        prompt_test.main(["--model_weights", str(checkpoint), "--dtype", "float32",
-                          "--image_path", str(image), "--prompt", question,
-                          "--max_new_tokens", str(MAX_NEW_TOKENS)])  # fmt: skip
-    return out.getvalue().rstrip("\n").split("\t", 1)[1]
 
 
 def same_text(text: str) -> str:
