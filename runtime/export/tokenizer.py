@@ -20,7 +20,6 @@ a tokenizer splits rendered text only at control tokens, so a content that start
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from dataprocess.schema import IMAGE_MARKER
+from identity.fingerprint import path_fingerprint
 from qwen.tokenization_qwen import (
     ENDOFTEXT,
     IM_END,
@@ -69,9 +69,21 @@ def chat_template(image_token: str, system_prompt: str) -> str:
     return template
 
 
-@functools.lru_cache(maxsize=2)
+_CONVERTED: dict[str, str] = {}  # content fingerprint of a qwen.tiktoken -> its tokenizer.json
+
+
 def _qwen_tokenizer_json(vocab_file: str) -> str:
-    """tokenizer.json text for a qwen.tiktoken (converting 151k ranks takes seconds: cached)."""
+    """tokenizer.json text for a qwen.tiktoken; converting 151k ranks takes seconds, so the last
+    one is kept, keyed by the file's content (every checkpoint holds its own copy of the same
+    vocabulary, and a changed file at the same path must not reuse the old conversion)."""
+    key = path_fingerprint(vocab_file)
+    if key not in _CONVERTED:
+        _CONVERTED.clear()
+        _CONVERTED[key] = _convert_tiktoken(vocab_file)
+    return _CONVERTED[key]
+
+
+def _convert_tiktoken(vocab_file: str) -> str:
     tokenizer: Tokenizer = TikTokenConverter(vocab_file=vocab_file, pattern=PAT_STR).converted()
     tokenizer.normalizer = normalizers.NFC()  # QWenTokenizer.encode_ids normalises to NFC
     first = tokenizer.get_vocab_size()
