@@ -64,6 +64,7 @@ class HFVisionTower(VisionTower):
             hidden_size=config.hidden_size,
             feature_layer=feature_layer,
             settings=settings or {"library": "transformers", "feature_layer": feature_layer},
+            patch_grid=(grid, grid),
         )
         self.model = model
         self.drop_class_token = _FAMILIES[config.model_type]

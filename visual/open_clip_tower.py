@@ -73,6 +73,7 @@ class OpenClipVisionTower(VisionTower):
             hidden_size=int(hidden),
             feature_layer=feature_layer,
             settings=settings or {"library": "open_clip", "feature_layer": feature_layer},
+            patch_grid=(int(grid[0]), int(grid[1])),
         )
         self.model = visual
         # Both backends index blocks from 0, so a negative hidden_states index maps 1:1.

@@ -45,12 +45,16 @@ class VisionTower(nn.Module):
         hidden_size: int,
         feature_layer: int,
         settings: dict[str, Any],
+        patch_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.preprocessor = preprocessor
         self.num_image_tokens = num_image_tokens
         self.hidden_size = hidden_size
         self.feature_layer = feature_layer
+        # (rows, cols) of the patch tokens laid out over the image, row-major; None where the
+        # tokens are not a spatial grid (Qwen-VL's resampled queries), so the image cannot be tiled
+        self.patch_grid = patch_grid
         # What load_vision_tower(**settings) needs to rebuild this tower; saved with checkpoints.
         self.settings = dict(settings)
 
