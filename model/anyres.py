@@ -45,13 +45,18 @@ class AnyResProjector(MLPProjector):
 def build_anyres_projector(
     kind: str, vision_hidden_size: int, llm_hidden_size: int, geometry: AnyResGeometry
 ) -> AnyResProjector:
-    """The projector of an AnyRes model; only `mlp2x_gelu` keeps the patch grid to tile."""
+    """The projector of an AnyRes model (`check_anyres_projector`)."""
+    check_anyres_projector(kind)
+    return AnyResProjector(vision_hidden_size, llm_hidden_size, geometry)
+
+
+def check_anyres_projector(kind: str) -> None:
+    """Only `mlp2x_gelu` keeps every patch of every tile, which the layout needs."""
     if kind != "mlp2x_gelu":
         raise ValueError(
             f"--projector_type {kind} cannot be used with --image_aspect_ratio anyres: AnyRes lays "
             "out every patch of every tile, use --projector_type mlp2x_gelu"
         )
-    return AnyResProjector(vision_hidden_size, llm_hidden_size, geometry)
 
 
 def pack_images(

@@ -110,6 +110,13 @@ def compose_vlm(
     """The one composition step: placeholder id from the tokenizer, a fresh projector sized from
     the tower and `llm.config` (fp32: its master weights), the three parts in one module; an LLM
     whose own loss the chunked loss would not reproduce is refused (`check_loss_path`)."""
+    if vision.settings.get("image_aspect_ratio") == "anyres":
+        # The pieces exist (visual/anyres.py, model/anyres.py); until the data pipeline and the
+        # VLM's forward carry tiles and image_sizes, building would train a fixed grid silently.
+        raise ValueError(
+            "--image_aspect_ratio anyres is not wired into training and inference yet "
+            "(issue #25: the processor seam); use pad or resize"
+        )
     image_token_id = image_token_id_for(tokenizer, llm.config, image_token)
     if llm.config.model_type == "qwen":
         llm.config.image_token_id = image_token_id

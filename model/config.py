@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from model.anyres import check_anyres_projector
 from model.projector import PROJECTOR_KINDS
+from visual.anyres import MAX_TILES_FLAG, PINPOINTS_FLAG, check_pinpoints
 from visual.loading import LIBRARIES
 from visual.preprocessing import ASPECT_RATIOS, default_aspect_ratio
 
@@ -52,6 +54,11 @@ class VisionConfig:
     vision_feature_layer: int = -2
     # one of visual.preprocessing.ASPECT_RATIOS; None: the tower library's own (resolve_defaults)
     image_aspect_ratio: str | None = None
+    # anyres only: [[height, width], ...] in pixels, multiples of the tower's image size; None:
+    # LLaVA-NeXT's five layouts scaled to the tower (visual.anyres.default_pinpoints)
+    image_grid_pinpoints: list[list[int]] | None = None
+    # anyres only: drop the pinpoints of more tiles than this (caps an image's tokens)
+    image_max_tiles: int | None = None
 
 
 @dataclass
@@ -92,9 +99,34 @@ def validate_model_config(
     if vision.image_aspect_ratio is not None:  # None: the tower's own (`resolve_defaults`)
         check_choice("image_aspect_ratio", vision.image_aspect_ratio, ASPECT_RATIOS)
     check_choice("projector_type", projector.projector_type, PROJECTOR_KINDS)
+    check_anyres_settings(vision, projector)
     check_choice("dtype", language.dtype, DTYPE_NAMES)
     check_choice("bits", language.bits, BITS)
     if language.bits == 4 and lora.train_mode == "projector+llm":
         raise ValueError(
             "--bits 4 (QLoRA) cannot train the full LLM; use --train_mode projector+lora"
         )
+
+
+def check_anyres_settings(vision: VisionConfig, projector: ProjectorConfig) -> None:
+    """The AnyRes flags: only with `--image_aspect_ratio anyres`, well-formed, and a tower and
+    projector that can tile. Multiples of the tower's size are checked when it loads."""
+    if vision.image_aspect_ratio != "anyres":
+        for flag, value in (
+            (PINPOINTS_FLAG, vision.image_grid_pinpoints),
+            (MAX_TILES_FLAG, vision.image_max_tiles),
+        ):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --image_aspect_ratio anyres only")
+        return
+    if vision.vision_library == "qwen_vl":
+        raise ValueError(
+            "--image_aspect_ratio anyres cannot use --vision_library qwen_vl: its resampled "
+            "queries are not a patch grid to lay tiles out on"
+        )
+    check_anyres_projector(projector.projector_type)
+    if vision.image_grid_pinpoints is not None:
+        check_pinpoints(vision.image_grid_pinpoints, 1)
+    tiles = vision.image_max_tiles
+    if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+        raise ValueError(f"{MAX_TILES_FLAG} {tiles!r}: expected a positive integer")

@@ -113,11 +113,16 @@ def _scalar_type(annotation) -> tuple[type, bool]:
 
 
 def _typed_value(value, annotation, where: str, key: str):
-    """`value` as the field's type, or a ValueError naming the key and the expected type."""
+    """`value` as the field's type, or a ValueError naming the key and the expected type. A list
+    field takes any list here; the owner of the field checks its items (`validate_config`)."""
     kind, optional = _scalar_type(annotation)
     if value is None:
         if optional:
             return None
+    elif typing.get_origin(kind) is list:
+        if isinstance(value, list):
+            return value
+        kind = list
     elif kind is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(value)
@@ -210,8 +215,21 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kind, _ = _scalar_type(annotation)
             if kind is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+            elif typing.get_origin(kind) is list:
+                group.add_argument(f"--{name}", type=_yaml_list, default=None)
             else:
                 group.add_argument(f"--{name}", type=kind, default=None)
+
+
+def _yaml_list(text: str) -> list:
+    """A list flag in YAML (or JSON) flow syntax, e.g. `[[336, 672], [672, 336]]`."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list such as [[336, 672]], got {text!r}")
+    return value
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:

@@ -19,7 +19,9 @@ from PIL import Image
 
 from visual.image_io import to_rgb
 
-ASPECT_RATIOS = ("resize", "pad")
+# "anyres" (LLaVA-NeXT) tiles the image (visual/anyres.py); the tower's own preprocessing then only
+# normalises the square tiles, so it neither pads nor resizes them.
+ASPECT_RATIOS = ("resize", "pad", "anyres")
 # LLaVA-1.5's choice: pad to a square with the mean colour, so nothing is cropped away.
 DEFAULT_ASPECT_RATIO = "pad"
 # Towers trained with another convention keep theirs unless the flag says otherwise: Qwen-VL's
@@ -163,7 +165,7 @@ def preprocessor_from_hf_dict(
 
 
 def pads_to_square(image_aspect_ratio: str) -> bool:
-    """True for "pad", False for "resize"; a ValueError naming the flag for anything else."""
+    """True for "pad", False for "resize" and "anyres"; a ValueError naming the flag otherwise."""
     if image_aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(
             f"image_aspect_ratio={image_aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}"
