@@ -46,11 +46,11 @@ def hf_tower(family: str, image_size: int, patch_size: int, hidden_size: int = 8
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny fast tokenizer with `<image>` as one special token."""
+    """A tiny fast tokenizer with `<image>` and ChatML's markers as special tokens."""
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
-    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    fast.add_tokens([IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"], special_tokens=True)
     return fast
 
 

@@ -20,13 +20,18 @@ from visual.preprocessing import ImagePreprocessor
 
 def image_processor(preprocessor: ImagePreprocessor) -> LlavaImageProcessorPil:
     """`LlavaImageProcessor` settings equal to `preprocessor`'s (PIL backend, as ours)."""
+    return LlavaImageProcessorPil(**image_processor_settings(preprocessor))
+
+
+def image_processor_settings(preprocessor: ImagePreprocessor) -> dict:
+    """`preprocessor`'s steps in the keyword arguments of transformers' image processors."""
     if preprocessor.shortest_edge is not None:  # CLIP: short side, then a center crop
         size = {"shortest_edge": preprocessor.shortest_edge}
     else:  # SigLIP: straight to (H, W), aspect ratio ignored
         height, width = preprocessor.resize_size
         size = {"height": height, "width": width}
     crop = preprocessor.crop_size
-    return LlavaImageProcessorPil(
+    return dict(
         do_pad=preprocessor.pad_to_square,
         do_resize=True,
         size=size,
