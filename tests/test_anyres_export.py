@@ -1,29 +1,51 @@
-"""The LLaVA-NeXT export of an anyres model (runtime/export/llava_next.py): the written directory
-loads with transformers, its processor expands each image to our count, and its image features
-and logits are ours."""
+"""The LLaVA-NeXT export of an anyres model (runtime/export/llava_next.py): the written directory,
+loaded by transformers in a process that cannot import this project, expands each image to our
+count and gives our image features and logits."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    AutoProcessor,
-    LlavaNextForConditionalGeneration,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from model.anyres import AnyResProjector
+from model.projector import MLPProjector
 from model.vlm import VisionLanguageModel
 from qwen import splice_image_features
 from runtime.export.llava_next import llava_next_config, write_llava_next
 from tests.anyres_helpers import IMAGE_TOKEN, hf_tower, word_tokenizer
 from visual.anyres import AnyResImageProcessor, anyres_geometry
 
+FAMILIES = ["clip", "siglip"]
 # very wide (feature rows unpadded), very tall (columns), 2x2, square, a 1x1-ish extreme
 SIZES = [(10, 70), (70, 10), (100, 60), (64, 64), (1, 3)]
+TEXT = " hi ".join([IMAGE_TOKEN] * len(SIZES))
+
+HF_SIDE = textwrap.dedent("""
+    import json, sys, torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    for job in json.load(open(sys.argv[1])):
+        processor = AutoProcessor.from_pretrained(job["dir"], backend="pil")
+        model = LlavaNextForConditionalGeneration.from_pretrained(job["dir"]).eval()
+        images = [Image.open(path) for path in job["images"]]
+        inputs = processor(text=job["text"], images=images, return_tensors="pt")
+        with torch.no_grad():
+            features = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+            ).pooler_output
+            logits = model(**inputs).logits
+        project = sorted({"qwen", "runtime", "model", "visual", "dataset"} & set(sys.modules))
+        torch.save({"input_ids": inputs["input_ids"], "image_sizes": inputs["image_sizes"],
+                    "features": torch.cat(features), "logits": logits,
+                    "class": type(model).__name__, "project_modules": project}, job["result"])
+""")
 
 
 def _anyres_vlm(family: str):
@@ -40,46 +62,61 @@ def _anyres_vlm(family: str):
     return VisionLanguageModel(tower, projector, llm, image_token_id).eval(), tokenizer
 
 
-def _images():
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{family: (our vlm, transformers' results)}: both exports run in one isolated subprocess."""
+    work = tmp_path_factory.mktemp("anyres-export")
     rng = np.random.default_rng(5)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    images = []
+    for index, (height, width) in enumerate(SIZES):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        images.append(work / f"image{index}.png")
+        Image.fromarray(pixels).save(images[-1])
+    vlms, jobs = {}, []
+    for family in FAMILIES:
+        vlm, tokenizer = _anyres_vlm(family)
+        out = write_llava_next(vlm, tokenizer, work / family, system_prompt="s", dtype="float32")
+        vlms[family] = vlm
+        jobs.append({"dir": str(out), "images": [str(p) for p in images], "text": TEXT,
+                     "result": str(work / f"{family}.pt")})  # fmt: skip
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    (work / "hf_side.py").write_text(HF_SIDE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-I", str(work / "hf_side.py"), str(work / "jobs.json")],
+        cwd=work, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pils = [Image.open(path) for path in images]
+    return {f: (vlms[f], torch.load(work / f"{f}.pt"), pils, work / f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_exported_llava_next_gives_our_counts_features_and_logits(family, tmp_path):
-    vlm, tokenizer = _anyres_vlm(family)
-    out = write_llava_next(vlm, tokenizer, tmp_path / "next", system_prompt="s", dtype="float32")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_alone_gives_our_counts_features_and_logits(family, exported):
+    vlm, theirs, images, out = exported[family]
+    assert (
+        theirs["project_modules"] == [] and theirs["class"] == "LlavaNextForConditionalGeneration"
+    )
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
     assert config["vision_feature_select_strategy"] == ("default" if family == "clip" else "full")
-    model = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
-    processor = AutoProcessor.from_pretrained(out, backend="pil")
-    ours_processor = AnyResImageProcessor(vlm.projector.geometry, vlm.vision.preprocessor)
-    images = _images()
-    text = " hi ".join([IMAGE_TOKEN] * len(images))
-    inputs = processor(text=text, images=images, return_tensors="pt")
-    # the placeholder count per image is ours
-    counts = [ours_processor.num_image_tokens(size) for size in SIZES]
-    assert int((inputs["input_ids"] == vlm.image_token_id).sum()) == sum(counts)
-    # our pixels, tower, projector and packing
-    pixel_values = torch.cat([ours_processor.preprocess(image) for image in images])
+    assert theirs["image_sizes"].tolist() == [list(size) for size in SIZES]
+    processor = AnyResImageProcessor(vlm.projector.geometry, vlm.vision.preprocessor)
+    counts = [processor.num_image_tokens(size) for size in SIZES]
+    input_ids = theirs["input_ids"]  # [1, T]
+    assert int((input_ids == vlm.image_token_id).sum()) == sum(counts)
+    pixel_values = torch.cat([processor.preprocess(image) for image in images])
     with torch.no_grad():
         rows = vlm.projector.pack(vlm.projector(vlm.vision(pixel_values)), SIZES)
-        theirs = model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
-        ).pooler_output
-        assert (rows - torch.cat(theirs)).abs().max() <= 1e-5
-        ids = inputs["input_ids"]
-        embeds = vlm.llm.get_input_embeddings()(ids)
-        ours = vlm.llm(inputs_embeds=splice_image_features(embeds, ids, rows, vlm.image_token_id))
-        logits = model(**inputs).logits
-    assert (ours.logits - logits).abs().max() <= 1e-5
+        embeds = vlm.llm.get_input_embeddings()(input_ids)  # [1, T, Dl]
+        embeds = splice_image_features(embeds, input_ids, rows, vlm.image_token_id)
+        logits = vlm.llm(inputs_embeds=embeds).logits
+    assert (rows - theirs["features"]).abs().max() <= 1e-5
+    assert logits.abs().max() > 0.1
+    assert (logits - theirs["logits"]).abs().max() <= 1e-5
 
 
 def test_a_fixed_grid_model_is_not_a_llava_next():
     vlm, _ = _anyres_vlm("clip")
-    from model.projector import MLPProjector
-
     vlm.projector = MLPProjector(16, 32, 16)
     with pytest.raises(ValueError, match="LLaVA-NeXT needs an anyres model"):
         llava_next_config(vlm)
