@@ -251,6 +251,11 @@ def _run_features(args: argparse.Namespace) -> int:
     from visual import ImageLoadError, load_vision_tower
     from visual.feature_cache import FEATURES_FILE, default_workers, encode_feature_cache
 
+    if args.image_aspect_ratio == "anyres":  # refused before any file is read
+        raise ValueError(
+            "--image_aspect_ratio anyres: a feature cache holds one [N, Dv] grid per image, not "
+            "an image's tiles; train an anyres model from the images"
+        )
     paths = [
         path
         for data in args.data

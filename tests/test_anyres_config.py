@@ -89,3 +89,12 @@ def test_an_anyres_tower_normalises_tiles_only_and_building_a_vlm_waits_for_the_
     assert AnyResImageProcessor.from_tower(tower).geometry.tile_size == tower.image_size
     with pytest.raises(ValueError, match="anyres is not wired into training and inference yet"):
         compose_vlm(None, None, tower, ProjectorConfig())
+
+
+def test_a_feature_cache_of_anyres_is_refused_before_reading(tmp_path, capsys):
+    from dataprocess.__main__ import main as dataprocess_main
+
+    argv = ["features", "--data", str(tmp_path / "absent.json"), "--image_folder", str(tmp_path)]
+    argv += ["--vision_model", "absent", "--image_aspect_ratio", "anyres", "--out", str(tmp_path)]
+    assert dataprocess_main(argv) == 2
+    assert "--image_aspect_ratio anyres: a feature cache holds one" in capsys.readouterr().err
