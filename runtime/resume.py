@@ -79,6 +79,8 @@ EXACT_FIELDS = (
     "model_max_length",
     "system_prompt",
     "image_aspect_ratio",
+    "image_grid_pinpoints",  # the tiles, so the tokens, of every image
+    "image_max_tiles",
     "group_by_length",
     "packing",
     "deepspeed",  # each engine keeps its optimizer in its own format

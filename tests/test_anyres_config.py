@@ -98,3 +98,15 @@ def test_a_feature_cache_of_anyres_is_refused_before_reading(tmp_path, capsys):
     argv += ["--vision_model", "absent", "--image_aspect_ratio", "anyres", "--out", str(tmp_path)]
     assert dataprocess_main(argv) == 2
     assert "--image_aspect_ratio anyres: a feature cache holds one" in capsys.readouterr().err
+
+
+def test_an_exact_resume_keeps_the_tiling(tmp_path):
+    from runtime.resume import TRAIN_CONFIG, check_same_settings
+
+    flags = {"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[32, 64], [64, 32]]}
+    save_config(load_config(overrides=flags), tmp_path / TRAIN_CONFIG)
+    check_same_settings(load_config(overrides=flags), tmp_path, exact=True)
+    other = load_config(overrides={**flags, "image_max_tiles": 1})
+    with pytest.raises(ValueError, match="--image_max_tiles is 1 here, None there"):
+        check_same_settings(other, tmp_path, exact=True)
+    check_same_settings(other, tmp_path, exact=False)  # weights only: a new tiling is fine
