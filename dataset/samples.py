@@ -7,8 +7,12 @@ tokenizer's vocabulary and the settings, so a second run with the same inputs re
 memory-mapped. Over-long samples are truncated or dropped by `fit_to_length`; both are counted
 and logged.
 
-`SupervisedDataset` turns one row into tensors. Images are decoded and preprocessed by callables
-owned by the vision tower (`visual.load_image`, `tower.preprocess`); this file never does image
+Placeholder runs have the lengths `dataset.processor.VLMProcessor` gives each image (for a
+size-dependent image processor, from each file's header size); a record whose images alone
+exceed `model_max_length` is refused, naming it.
+
+`SupervisedDataset` turns one row into tensors. Images are decoded by `visual.load_image` and
+turned into `pixel_values` + `image_sizes` by the processor; this file never does image
 arithmetic itself. With a `feature_cache` (`visual.feature_cache.FeatureCache`), a sample carries
 the tower's cached output `vision_features` [n_img, N, Dv] instead of `pixel_values`.
 """
@@ -30,13 +34,8 @@ import torch
 from PIL import Image
 
 from dataprocess.schema import confined_image_path
-from dataset.conversation import (
-    DEFAULT_SYSTEM_PROMPT,
-    ChatBlocks,
-    encode_conversation,
-    encode_text,
-    fit_to_length,
-)
+from dataset.conversation import ChatBlocks, EncodedConversation, encode_text, fit_to_length
+from dataset.processor import VLMProcessor
 
 if TYPE_CHECKING:
     from visual.feature_cache import FeatureCache
@@ -73,16 +72,22 @@ class TokenizeStats:
         return self.records - self.samples
 
 
-def _tokenize_batch(batch: dict[str, list], **settings: Any) -> dict[str, list]:
+def _tokenize_batch(
+    batch: dict[str, list],
+    processor: VLMProcessor,
+    model_max_length: int,
+    image_sizes_of: Callable[[Sequence[str]], list[tuple[int, int]]] | None,
+    source: str,
+) -> dict[str, list]:
     """Batched map function: render each record; rows that cannot fit are left out."""
-    max_length = settings.pop("model_max_length")
-    tokenizer = settings.pop("tokenizer")
     out: dict[str, list] = {name: [] for name in SAMPLE_FEATURES}
-    blocks = ChatBlocks.build(tokenizer)
+    blocks = ChatBlocks.build(processor.tokenizer)
     rows = zip(batch["id"], batch["images"], batch["roles"], batch["contents"], strict=True)
     for record_id, images, roles, contents in rows:
-        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
-        sample = fit_to_length(full, max_length)
+        sizes = image_sizes_of(images) if image_sizes_of is not None and images else None
+        full = _encode(processor, record_id, source, roles, contents, sizes, blocks)
+        _check_images_fit(full, processor, record_id, source, model_max_length)
+        sample = fit_to_length(full, model_max_length)
         if sample is None:
             continue
         out["id"].append(record_id)
@@ -92,6 +97,38 @@ def _tokenize_batch(batch: dict[str, list], **settings: Any) -> dict[str, list]:
         out["length"].append(len(sample.input_ids))
         out["truncated"].append(len(sample.input_ids) < len(full.input_ids))
     return out
+
+
+def _encode(
+    processor: VLMProcessor,
+    record_id: str,
+    source: str,
+    roles: Sequence[str],
+    contents: Sequence[str],
+    sizes: list[tuple[int, int]] | None,
+    blocks: ChatBlocks,
+) -> EncodedConversation:
+    try:
+        return processor.encode(roles, contents, sizes, blocks=blocks)
+    except ValueError as err:
+        raise ValueError(f"record {record_id!r} of {source}: {err}") from err
+
+
+def _check_images_fit(
+    sample: EncodedConversation,
+    processor: VLMProcessor,
+    record_id: str,
+    source: str,
+    model_max_length: int,
+) -> None:
+    """Refuse a record whose image placeholders alone exceed the length: no cut can keep it,
+    and with size-dependent counts a silent drop would hide a bad --model_max_length."""
+    placeholders = sample.input_ids.count(processor.image_token_id)
+    if placeholders > model_max_length:
+        raise ValueError(
+            f"record {record_id!r} of {source}: its images alone take {placeholders} tokens, "
+            f"more than --model_max_length {model_max_length}"
+        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -121,16 +158,20 @@ def records_fingerprint(records: datasets.Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def _shortest_fit(records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any]) -> int:
+def _shortest_fit(records: datasets.Dataset, settings: dict[str, Any]) -> int:
     """The smallest model_max_length that keeps one of the first records (for an error message).
 
     Asks `fit_to_length` itself (it keeps more as the limit grows), so the rule stays its own.
     """
     shortest = None
-    blocks = ChatBlocks.build(tokenizer)
+    processor, sizes_of = settings["processor"], settings["image_sizes_of"]
+    blocks = ChatBlocks.build(processor.tokenizer)
     head = records.select(range(min(len(records), _SHORTEST_PROBE)))
-    for roles, contents in zip(head["roles"], head["contents"], strict=True):
-        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
+    for images, roles, contents in zip(
+        head["images"], head["roles"], head["contents"], strict=True
+    ):
+        sizes = sizes_of(images) if sizes_of is not None and images else None
+        full = processor.encode(roles, contents, sizes, blocks=blocks)
         low, high = 1, len(full.input_ids)  # fits at high; find the first length that fits
         while low < high:
             middle = (low + high) // 2
@@ -139,17 +180,13 @@ def _shortest_fit(records: datasets.Dataset, tokenizer: Any, settings: dict[str,
     return shortest or 0
 
 
-def _nothing_fits(
-    records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any], source: str
-) -> ValueError:
+def _nothing_fits(records: datasets.Dataset, settings: dict[str, Any], source: str) -> ValueError:
     """The error for a model_max_length that drops every sample, with the length that would do."""
-    settings = dict(settings)
-    model_max_length = settings.pop("model_max_length")
-    shortest = _shortest_fit(records, tokenizer, settings)
+    shortest = _shortest_fit(records, settings)
     probed = "" if len(records) <= _SHORTEST_PROBE else f" of the first {_SHORTEST_PROBE}"
     return ValueError(
-        f"--model_max_length {model_max_length} is shorter than every sample of {source} "
-        f"(all {len(records)} dropped; the shortest{probed} needs {shortest} tokens)"
+        f"--model_max_length {settings['model_max_length']} is shorter than every sample of "
+        f"{source} (all {len(records)} dropped; the shortest{probed} needs {shortest} tokens)"
     )
 
 
@@ -176,35 +213,45 @@ def _log_length_cuts(
 
 def tokenize_records(
     records: datasets.Dataset,
-    tokenizer: Any,
+    processor: VLMProcessor,
     *,
-    image_token_id: int,
-    num_image_tokens: int,
     model_max_length: int,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    image_sizes_of: Callable[[Sequence[str]], list[tuple[int, int]]] | None = None,
     num_proc: int | None = None,
     source: str = "the records",
 ) -> tuple[datasets.Dataset, TokenizeStats]:
     """Tokenize all `records` (columns id, images, roles, contents) once, cached on disk.
 
-    Raises ValueError naming `source` (the records file) when there is no record, or when
+    Placeholder runs have the processor's count per image. When that count depends on the image
+    size (`processor.fixed_num_image_tokens` is None), `image_sizes_of(record's image paths)`
+    gives the (height, width) of each image, read from the files' headers.
+
+    Raises ValueError naming `source` (the records file) when there is no record, when a
+    record's images alone exceed `model_max_length` (naming the record), or when
     `model_max_length` is shorter than every sample (nothing would be left to train on).
     """
     if len(records) == 0:
         raise ValueError(f"no records to tokenize in {source}")
+    if processor.fixed_num_image_tokens is None and image_sizes_of is None:
+        raise ValueError(
+            "the processor's token count depends on the image size: give image_sizes_of"
+        )
+    if processor.fixed_num_image_tokens is not None:
+        image_sizes_of = None  # one count for every image: no file needs opening
     settings = {
-        "image_token_id": image_token_id,
-        "num_image_tokens": num_image_tokens,
+        "processor": processor,
         "model_max_length": model_max_length,
-        "system_prompt": system_prompt,
+        "image_sizes_of": image_sizes_of,
+        "source": source,
     }
     # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
     key = f"{TOKENIZE_VERSION}|{records_fingerprint(records)}|"
-    key += f"{tokenizer_fingerprint(tokenizer)}|{settings}"
+    key += f"{tokenizer_fingerprint(processor.tokenizer)}|{processor.image_token_id}|"
+    key += f"{processor.image_processor!r}|{model_max_length}|{processor.system_prompt!r}"
     samples = records.map(
         _tokenize_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, **settings},
+        fn_kwargs=settings,
         remove_columns=records.column_names,
         features=SAMPLE_FEATURES,
         num_proc=num_proc,
@@ -212,7 +259,7 @@ def tokenize_records(
         desc="tokenizing records",
     )
     if len(samples) == 0:
-        raise _nothing_fits(records, tokenizer, settings, source)
+        raise _nothing_fits(records, settings, source)
     truncated = pc.sum(samples.with_format("arrow")["truncated"]).as_py() or 0
     stats = TokenizeStats(records=len(records), samples=len(samples), truncated=truncated)
     _log_length_cuts(records, samples, stats, model_max_length, source)
@@ -220,10 +267,11 @@ def tokenize_records(
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
-    """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None}.
+    """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None,
+    "image_sizes": [n_img, 2] | None}.
 
-    `load_image(path) -> PIL.Image` and `preprocess(list[PIL.Image]) -> [n,3,H,W]` come from the
-    vision tower. Image paths are resolved against `image_folder` by
+    `load_image(path) -> PIL.Image` comes from `visual`; `processor.image_inputs` turns the
+    decoded images into `pixel_values` and `image_sizes` (`dataset.processor`). Image paths are resolved against `image_folder` by
     `dataprocess.schema.confined_image_path`, the rule the validator checked them with, so the
     file opened is the file validated. With `feature_cache`, images are not decoded: the
     sample's "vision_features" [n_img, N, Dv] (the frozen tower's output, read from the cache)
@@ -237,7 +285,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         *,
         image_folder: str | os.PathLike | None,
         load_image: Callable[[Path], Image.Image],
-        preprocess: Callable[[list[Image.Image]], torch.Tensor],
+        processor: VLMProcessor,
         feature_cache: FeatureCache | None = None,
         allow_outside_image_folder: bool = False,
         source: str = "the records",
@@ -245,7 +293,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.load_image = load_image
-        self.preprocess = preprocess
+        self.processor = processor  # light: the tokenizer is not used here, workers copy it once
         self.feature_cache = feature_cache
         self.allow_outside_image_folder = allow_outside_image_folder
         self.source = source
@@ -278,9 +326,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """Token length of every sample (for a length-grouped sampler)."""
         return self.samples.data.column("length").to_pylist()
 
-    def _pixel_values(self, record_id: str, images: Sequence[str]) -> torch.Tensor | None:
+    def _image_inputs(self, row: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        """`pixel_values` and `image_sizes` of a row's images (both None without images)."""
+        record_id, images = row["id"], row["images"]
         if not images:
-            return None
+            return {"pixel_values": None, "image_sizes": None}
         if self.image_folder is None:
             raise ValueError(
                 f"record {record_id!r} of {self.source} has images but no image_folder was given"
@@ -289,13 +339,28 @@ class SupervisedDataset(torch.utils.data.Dataset):
             confined_image_path(self.image_folder, p, allow_outside=self.allow_outside_image_folder)
             for p in images
         ]
-        pixel_values = self.preprocess([self.load_image(path) for path in paths])
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != len(images):
+        inputs = self.processor.image_inputs([self.load_image(path) for path in paths])
+        pixel_values = inputs["pixel_values"]  # [n_img, 3, H, W], or all tiles for a tiling one
+        fixed = self.processor.fixed_num_image_tokens
+        if pixel_values.dim() != 4 or (fixed is not None and pixel_values.shape[0] != len(images)):
             raise ValueError(
-                f"record {record_id!r} of {self.source}: preprocess returned shape {tuple(pixel_values.shape)} for "
-                f"{len(images)} image(s); expected [{len(images)}, 3, H, W]"
+                f"record {record_id!r} of {self.source}: preprocess returned shape "
+                f"{tuple(pixel_values.shape)} for {len(images)} image(s); expected "
+                f"[{len(images)}, 3, H, W]"
             )
-        return pixel_values  # [n_img, 3, H, W]
+        self._check_counts(row, inputs["image_sizes"])
+        return inputs
+
+    def _check_counts(self, row: dict[str, Any], image_sizes: torch.Tensor) -> None:
+        """The decoded images must give the placeholder count the row was tokenized with (a file
+        changed since, or a header that lied about the size, would misalign the splice)."""
+        expected = sum(self.processor.image_token_counts(image_sizes))
+        found = row["input_ids"].count(self.processor.image_token_id)
+        if expected != found:
+            raise ValueError(
+                f"record {row['id']!r} of {self.source}: its images now give {expected} image "
+                f"tokens, the tokenized sample holds {found}; were the image files changed?"
+            )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.samples[index]
@@ -304,7 +369,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
         }
         if self.feature_cache is None:
-            sample["pixel_values"] = self._pixel_values(row["id"], row["images"])
+            sample.update(self._image_inputs(row))
         elif row["images"]:
             sample["vision_features"] = self.feature_cache.features(row["images"])  # [n_img, N, Dv]
         else:
