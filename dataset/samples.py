@@ -84,7 +84,7 @@ def _tokenize_batch(
     blocks = ChatBlocks.build(processor.tokenizer)
     rows = zip(batch["id"], batch["images"], batch["roles"], batch["contents"], strict=True)
     for record_id, images, roles, contents in rows:
-        sizes = image_sizes_of(images) if image_sizes_of is not None and images else None
+        sizes = image_sizes_of(images) if image_sizes_of is not None else None
         full = _encode(processor, record_id, source, roles, contents, sizes, blocks)
         _check_images_fit(full, processor, record_id, source, model_max_length)
         sample = fit_to_length(full, model_max_length)
@@ -170,7 +170,7 @@ def _shortest_fit(records: datasets.Dataset, settings: dict[str, Any]) -> int:
     for images, roles, contents in zip(
         head["images"], head["roles"], head["contents"], strict=True
     ):
-        sizes = sizes_of(images) if sizes_of is not None and images else None
+        sizes = sizes_of(images) if sizes_of is not None else None
         full = processor.encode(roles, contents, sizes, blocks=blocks)
         low, high = 1, len(full.input_ids)  # fits at high; find the first length that fits
         while low < high:
