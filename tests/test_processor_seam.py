@@ -196,3 +196,38 @@ def test_a_changed_image_is_caught_naming_the_record(tmp_path, tokenizer):
     record_id = dataset.samples["id"][index]
     with pytest.raises(ValueError, match=f"record '{record_id}'.*image tokens"):
         dataset[index]
+
+
+def test_stats_count_size_dependent_images_as_training_does(tmp_path, tokenizer):
+    from dataprocess.stats import run_stats
+
+    records = _records(tmp_path, 12, random.Random(5))
+    (tmp_path / "data.json").write_text(json.dumps(records), encoding="utf-8")
+    lengths = sorted(_build(tmp_path, tokenizer, max_length=4096).lengths)
+    summary = run_stats(
+        tmp_path / "data.json", _SizeDependent(), tmp_path / "h.png", tokenizer=tokenizer,
+        image_folder=tmp_path, system="You are a helpful assistant.",
+    )  # fmt: skip
+    assert (summary["min"], summary["max"], summary["records"]) == (lengths[0], lengths[-1], 12)
+    assert summary["mean"] == round(sum(lengths) / len(lengths), 1)
+    assert summary["num_image_tokens"] is None
+    with pytest.raises(ValueError, match="--image_folder"):
+        run_stats(tmp_path / "data.json", _SizeDependent(), tokenizer=tokenizer)
+
+
+def test_feature_cache_refuses_size_dependent_counts_in_one_line():
+    from visual.feature_cache import check_fixed_grid
+
+    check_fixed_grid(FixedGridProcessor(None, 4))  # a fixed grid is fine
+    with pytest.raises(ValueError, match=r"^--feature_cache .*_SizeDependent[^\n]*$"):
+        check_fixed_grid(_SizeDependent())
+
+
+def test_llava_export_asks_the_processor_and_refuses_size_dependent_counts():
+    from types import SimpleNamespace
+
+    from runtime.export.llava import tokens_per_image
+
+    assert tokens_per_image(SimpleNamespace(image_processor=FixedGridProcessor(None, 9))) == 9
+    with pytest.raises(ValueError, match="size-dependent"):
+        tokens_per_image(SimpleNamespace(image_processor=_SizeDependent()))

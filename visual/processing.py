@@ -51,15 +51,16 @@ class FixedGridProcessor:
     `ImagePreprocessor` says) and the same `tokens` rows, whatever its size: LLaVA-1.5's grid.
 
     `tokens` is the model's count per image (the projector's output rows: the tower's N, or a
-    resampler's queries), so it is given, not derived here.
+    resampler's queries), so it is given, not derived here. `preprocessor` None makes a
+    count-only processor (`dataprocess stats` given N by a checkpoint or a flag, no tower).
     """
 
-    preprocessor: ImagePreprocessor
+    preprocessor: ImagePreprocessor | None
     tokens: int
 
     def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ValueError(f"a fixed grid needs at least one token per image, got {self.tokens}")
+        if self.tokens < 0:
+            raise ValueError(f"tokens per image must be >= 0, got {self.tokens}")
 
     @property
     def fixed_num_image_tokens(self) -> int:
@@ -67,7 +68,7 @@ class FixedGridProcessor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image -> `[3, H, W]` float32."""
-        return self.preprocessor([image])[0]
+        return self.pixel_values([image])[0]
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         """The grid's constant count; `image_size` (height, width) only has to be a size."""
@@ -78,4 +79,6 @@ class FixedGridProcessor:
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Several images -> `[n_img, 3, H, W]`, normalised in one vectorised step."""
+        if self.preprocessor is None:
+            raise ValueError("this image processor only counts tokens: it has no preprocessing")
         return self.preprocessor(list(images))
