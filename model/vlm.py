@@ -61,9 +61,13 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def image_processor(self) -> ImageProcessor:
-        """The image side of the processor seam (visual/processing.py): the tower's
-        preprocessing and this model's rows per image. A tiling tower returns its own here,
-        with `image_rows` packing its tile features."""
+        """The image side of the processor seam (visual/processing.py). The tower's own when
+        its count depends on the image size (a tiling tower; `image_rows` then packs its tile
+        features); otherwise a fixed grid of the tower's preprocessing and this model's rows per
+        image (a resampler projector changes the tower's N)."""
+        processor = self.vision.image_processor
+        if processor.fixed_num_image_tokens is None:
+            return processor
         return FixedGridProcessor(self.vision.preprocessor, self.num_image_tokens)
 
     def image_rows(
