@@ -57,7 +57,6 @@ def check_convertible(vlm: VisionLanguageModel) -> None:
     """Raise ValueError saying what LLaVA cannot hold, and what to use instead."""
     from peft import PeftModel  # imported where used: it imports bitsandbytes
 
-    tokens_per_image(vlm)
     llm = vlm.llm
     if isinstance(llm, PeftModel):
         raise ValueError(
@@ -96,6 +95,7 @@ def check_convertible(vlm: VisionLanguageModel) -> None:
             f"{type(vlm.projector).__name__}; `python -m runtime.merge` gives a standalone copy "
             "that this toolkit loads"
         )
+    tokens_per_image(vlm)
 
 
 def qwen2_config(config) -> Qwen2Config:
