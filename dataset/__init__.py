@@ -7,7 +7,8 @@ Modules (import them directly; nothing heavy is imported with the package):
   `fit_to_length(...)`, the truncation rule.
 - `dataset.processor`: `VLMProcessor(tokenizer, image_token_id, image_processor)`, the processor
   seam: conversations + image sizes -> ids, labels; images -> `pixel_values`, `image_sizes`.
-- `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`) and `SupervisedDataset`.
+- `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`).
+- `dataset.supervised`: `SupervisedDataset`, one tokenized sample -> tensors.
 - `dataset.collator`: `SupervisedCollator(pad_token_id)`.
 - `dataset.build`: `build_supervised_dataset(...)`, all of the above in one call.
 """

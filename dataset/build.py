@@ -14,7 +14,8 @@ from PIL import Image
 from dataprocess.schema import confined_image_path
 from dataset.loading import load_records
 from dataset.processor import VLMProcessor
-from dataset.samples import SupervisedDataset, tokenize_records
+from dataset.samples import tokenize_records
+from dataset.supervised import SupervisedDataset
 
 if TYPE_CHECKING:
     from visual.feature_cache import FeatureCache

@@ -21,7 +21,8 @@ from dataset.build import build_supervised_dataset
 from dataset.loading import load_records
 from dataset.packing import PackedDataset
 from dataset.processor import VLMProcessor
-from dataset.samples import SupervisedDataset, records_fingerprint
+from dataset.samples import records_fingerprint
+from dataset.supervised import SupervisedDataset
 from visual.processing import FixedGridProcessor
 
 IMAGE_ID = 151646  # <|extra_0|>

@@ -14,7 +14,8 @@ from dataset.collator import SupervisedCollator
 from dataset.conversation import IGNORE_INDEX
 from dataset.loading import load_records
 from dataset.processor import VLMProcessor
-from dataset.samples import SupervisedDataset, tokenize_records
+from dataset.samples import tokenize_records
+from dataset.supervised import SupervisedDataset
 from visual.processing import FixedGridProcessor
 
 IMAGE_ID = 151646
