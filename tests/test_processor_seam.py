@@ -231,3 +231,48 @@ def test_llava_export_asks_the_processor_and_refuses_size_dependent_counts():
     assert tokens_per_image(SimpleNamespace(image_processor=FixedGridProcessor(None, 9))) == 9
     with pytest.raises(ValueError, match="size-dependent"):
         tokens_per_image(SimpleNamespace(image_processor=_SizeDependent()))
+
+
+def test_the_model_splices_size_dependent_rows_through_image_rows(
+    tiny_qwen_dir, tiny_clip_dir, monkeypatch
+):
+    """A stand-in for AnyRes's model-side packing: image i keeps its first count_i rows."""
+    from model.builder import build_vlm
+    from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
+
+    vlm, tokenizer = build_vlm(
+        LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32"),
+        VisionConfig(vision_model=str(tiny_clip_dir)),
+        ProjectorConfig(),
+    )
+    counts_of = _SizeDependent()
+    seen = []
+
+    def image_rows(features, image_sizes):  # [n_img, N', Dl], [n_img, 2] -> [total_rows, Dl]
+        seen.append(image_sizes)
+        counts = [counts_of.num_image_tokens(tuple(size)) for size in image_sizes.tolist()]
+        return torch.cat([rows[:count] for rows, count in zip(features, counts, strict=True)])
+
+    monkeypatch.setattr(vlm, "image_rows", image_rows)
+    processor = VLMProcessor(tokenizer, vlm.image_token_id, _SizeDependent())
+    # pixels from the tower's own preprocessing (one [3, H, W] per image), counts from the fake
+    tower_side = VLMProcessor(tokenizer, vlm.image_token_id, vlm.vision.image_processor)
+    pixels_of = tower_side.image_inputs
+    images = [Image.new("RGB", size) for size in [(7, 3), (2, 9), (12, 12)]]
+    conversations = [
+        (["<image>\n<image>\nsame?", "no"], images[:2]),
+        (["<image>\nhi", "a"], images[2:]),
+    ]
+    samples = []
+    for contents, pictures in conversations:
+        inputs = pixels_of(pictures)
+        encoded = processor.encode(["user", "assistant"], contents, inputs["image_sizes"])
+        samples.append({"input_ids": torch.tensor(encoded.input_ids),
+                        "labels": torch.tensor(encoded.labels), **inputs})  # fmt: skip
+    batch = SupervisedCollator(tokenizer.pad_token_id)(samples)
+    assert batch["image_sizes"].tolist() == [[3, 7], [9, 2], [12, 12]]
+    assert torch.isfinite(vlm(**batch).loss)
+    assert seen[-1] is batch["image_sizes"]
+    grown = batch["image_sizes"] + torch.tensor([[0, 0], [0, 0], [1, 0]])  # 5+7+3 -> 5+7+4
+    with pytest.raises(ValueError, match="15 placeholder positions .* 16 image feature rows"):
+        vlm(**{**batch, "image_sizes": grown})
