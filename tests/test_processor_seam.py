@@ -276,3 +276,15 @@ def test_the_model_splices_size_dependent_rows_through_image_rows(
     grown = batch["image_sizes"] + torch.tensor([[0, 0], [0, 0], [1, 0]])  # 5+7+3 -> 5+7+4
     with pytest.raises(ValueError, match="15 placeholder positions .* 16 image feature rows"):
         vlm(**{**batch, "image_sizes": grown})
+
+
+def test_a_size_dependent_tower_gets_no_feature_cache(tiny_clip_dir, tmp_path, monkeypatch):
+    from visual import load_vision_tower
+    from visual.feature_cache import encode_feature_cache
+    from visual.tower import VisionTower
+
+    tower = load_vision_tower(str(tiny_clip_dir))
+    monkeypatch.setattr(VisionTower, "image_processor", property(lambda self: _SizeDependent()))
+    with pytest.raises(ValueError, match="size-dependent"):
+        encode_feature_cache(tower, ["a.png"], tmp_path, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -137,8 +137,9 @@ def encode_feature_cache(
     Rows keep the first-seen order of the paths. Raises FileExistsError if `out_dir` exists,
     ValueError for a bad `dtype` / `batch_size` or no images, and `ImageLoadError` naming the
     file for an image that cannot be read, its `image` the path as given (nothing is left at
-    `out_dir` then).
+    `out_dir` then); a tower whose token count depends on the image size is refused.
     """
+    check_fixed_grid(tower.image_processor)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if batch_size < 1:
