@@ -85,6 +85,7 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     _flag(stats, "histogram", type=Path, help="PNG path (default: <data>.lengths.png)")
     _flag(stats, "model_max_length", type=int, help="report how many records exceed it")
     _flag(stats, "system", help="system prompt for records without one (default: training's)")
+    _flag(stats, "image_folder", type=Path, help="image root, read when tokens depend on size")
 
 
 def _add_images_parser(sub: argparse._SubParsersAction) -> None:
@@ -205,10 +206,11 @@ def _run_stats(args: argparse.Namespace) -> int:
     )
     summary = run_stats(
         args.data,
-        settings.num_image_tokens,
+        settings.image_processor,
         args.histogram,
         args.model_max_length,
         settings.system,
+        image_folder=args.image_folder,
     )
     summary["num_image_tokens_from"] = settings.num_image_tokens_from
     print(json.dumps(summary, indent=2))

@@ -1,11 +1,12 @@
 """Token-length statistics of a chat.json file, to choose ``--model_max_length``.
 
 A record's length is the length of its training rendering: each record goes through
-``dataset.conversation.encode_conversation``, the encoder the dataset uses, with every
-``<image>`` expanded to the tower's N tokens and the training default system prompt
-(``qwen.chat_format.DEFAULT_SYSTEM_PROMPT``) where the record has none. N is read from the tower
-(``--vision_model``) or from a checkpoint's ``vlm_config.json`` (``--model_weights``);
-``--num_image_tokens`` overrides both. This is the one part of ``dataprocess`` (with
+``dataset.processor.VLMProcessor.encode``, the encoder the dataset uses, with every ``<image>``
+expanded to the image processor's count and the training default system prompt
+(``qwen.chat_format.DEFAULT_SYSTEM_PROMPT``) where the record has none. The image processor is
+the tower's (``--vision_model``), or a fixed grid of the N a checkpoint's ``vlm_config.json``
+(``--model_weights``) or ``--num_image_tokens`` gives. When its count depends on the image size,
+each image's (height, width) is read from its file header under ``--image_folder``. This is the one part of ``dataprocess`` (with
 ``features``) that needs the model stack, so those imports sit inside the functions.
 """
 
@@ -29,11 +30,23 @@ CHECKPOINT_CONFIG = "vlm_config.json"  # written by model/checkpoint.py (VLM_CON
 
 @dataclass(frozen=True)
 class StatsSettings:
-    """What a length depends on besides the text: tokens per image and the system prompt."""
+    """What a length depends on besides the text: the image processor and the system prompt."""
 
-    num_image_tokens: int
+    image_processor: Any  # visual.processing.ImageProcessor
     system: str
     num_image_tokens_from: str  # the flag it came from, for the summary
+
+    @property
+    def num_image_tokens(self) -> int | None:
+        """Tokens per image of a fixed grid; None when the count depends on the size."""
+        return self.image_processor.fixed_num_image_tokens
+
+
+def count_only(num_image_tokens: int) -> Any:
+    """A fixed grid of `num_image_tokens` per image that only counts (no tower loaded)."""
+    from visual.processing import FixedGridProcessor  # imports torch
+
+    return FixedGridProcessor(None, num_image_tokens)
 
 
 def _checkpoint_config(checkpoint: Path) -> dict[str, Any]:
@@ -63,6 +76,7 @@ def resolve_settings(
     """
     found: dict[str, int] = {}
     checkpoint: dict[str, Any] = {}
+    processor = None
     if model_weights is not None:
         checkpoint = _checkpoint_config(Path(model_weights))
         found["--model_weights"] = checkpoint["num_image_tokens"]
@@ -72,7 +86,8 @@ def resolve_settings(
         tower = load_vision_tower(
             vision_model, library=vision_library, pretrained=vision_pretrained
         )
-        found["--vision_model"] = tower.num_image_tokens
+        processor = tower.image_processor
+        found["--vision_model"] = processor.fixed_num_image_tokens
     if num_image_tokens is not None:
         if num_image_tokens < 0:
             raise ValueError(f"--num_image_tokens must be >= 0, got {num_image_tokens}")
@@ -92,33 +107,33 @@ def resolve_settings(
 
         system = checkpoint.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
     flag, tokens = next(iter(found.items()))
-    return StatsSettings(num_image_tokens=tokens, system=system, num_image_tokens_from=flag)
+    if flag != "--vision_model":
+        processor = count_only(tokens)
+    return StatsSettings(image_processor=processor, system=system, num_image_tokens_from=flag)
 
 
 def record_length(
     record: Record,
     tokenizer: Any,
-    num_image_tokens: int,
+    image_processor: Any,
     system: str,
     image_token_id: int = 0,
     blocks: Any = None,
+    image_sizes: list[tuple[int, int]] | None = None,
 ) -> int:
-    """Tokens of ``record`` as training renders it (``dataset.conversation``), images included.
+    """Tokens of ``record`` as training renders it (``dataset.processor``), images included.
 
+    ``image_processor`` is a ``visual.processing.ImageProcessor`` (an int N is a fixed grid of
+    N); ``image_sizes`` ((height, width) per image) are needed when its count depends on them.
     The placeholder id does not change a length; pass the real one for clarity if you have it.
     """
-    from dataset.conversation import encode_conversation  # imports torch
+    from dataset.processor import VLMProcessor  # imports torch
 
-    encoded = encode_conversation(
-        tokenizer,
-        [t.role for t in record.turns],
-        [t.content for t in record.turns],
-        image_token_id=image_token_id,
-        num_image_tokens=num_image_tokens,
-        system_prompt=system,
-        blocks=blocks,
-    )
-    return len(encoded.input_ids)
+    if isinstance(image_processor, int):
+        image_processor = count_only(image_processor)
+    processor = VLMProcessor(tokenizer, image_token_id, image_processor, system_prompt=system)
+    roles, contents = [t.role for t in record.turns], [t.content for t in record.turns]
+    return len(processor.encode(roles, contents, image_sizes, blocks=blocks).input_ids)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -178,22 +193,28 @@ def read_records(path: Path) -> Iterator[Record]:
 
 def run_stats(
     data: Path,
-    num_image_tokens: int,
+    image_processor: Any,
     histogram: Path | None = None,
     model_max_length: int | None = None,
     system: str | None = None,
     tokenizer: Any = None,
+    image_folder: Path | None = None,
 ) -> dict[str, Any]:
     """Lengths of every record of ``data`` with the Qwen tokenizer, summary and histogram PNG.
 
+    ``image_processor`` gives the tokens per image (an int N is a fixed grid of N); when its
+    count depends on the image size, the images are measured under ``image_folder``.
     ``system`` None means training's default system prompt.
     """
     from dataset.conversation import ChatBlocks  # imports torch; only this subcommand needs it
     from qwen import IMAGE_TOKEN, QWenTokenizer
     from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
 
-    if num_image_tokens < 0:
-        raise ValueError(f"--num_image_tokens must be >= 0, got {num_image_tokens}")
+    if isinstance(image_processor, int):
+        if image_processor < 0:
+            raise ValueError(f"--num_image_tokens must be >= 0, got {image_processor}")
+        image_processor = count_only(image_processor)
+    sizes_of = _image_sizes_reader(image_processor, image_folder)
     if tokenizer is None:
         tokenizer = QWenTokenizer()
     system = DEFAULT_SYSTEM_PROMPT if system is None else system
@@ -201,7 +222,9 @@ def run_stats(
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     try:  # one int per record is kept, never the records
         lengths = [
-            record_length(r, tokenizer, num_image_tokens, system, image_token_id, blocks)
+            record_length(
+                r, tokenizer, image_processor, system, image_token_id, blocks, sizes_of(r)
+            )
             for r in read_records(data)
         ]
     except RecordError as exc:
@@ -210,5 +233,22 @@ def run_stats(
     histogram = histogram or data.with_suffix(".lengths.png")
     save_histogram(lengths, histogram, model_max_length)
     summary["histogram"] = str(histogram)
-    summary["num_image_tokens"] = num_image_tokens
+    summary["num_image_tokens"] = image_processor.fixed_num_image_tokens
     return summary
+
+
+def _image_sizes_reader(image_processor: Any, image_folder: Path | None):
+    """record -> its images' (height, width), or None when the count does not depend on them."""
+    if image_processor.fixed_num_image_tokens is not None:
+        return lambda record: None
+    if image_folder is None:
+        raise ValueError(
+            "the tokens per image depend on the image size here: pass --image_folder to measure them"
+        )
+    from dataprocess.schema import confined_image_path
+    from visual.image_io import read_image_size
+
+    def sizes(record: Record) -> list[tuple[int, int]]:
+        return [read_image_size(confined_image_path(image_folder, p)) for p in record.images]
+
+    return sizes

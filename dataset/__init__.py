@@ -5,7 +5,10 @@ Modules (import them directly; nothing heavy is imported with the package):
   chat.json / JSONL file before training and returns a memory-mapped `datasets.Dataset`.
 - `dataset.conversation`: `encode_conversation(...)`, the ChatML rendering and the label rule;
   `fit_to_length(...)`, the truncation rule.
-- `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`) and `SupervisedDataset`.
+- `dataset.processor`: `VLMProcessor(tokenizer, image_token_id, image_processor)`, the processor
+  seam: conversations + image sizes -> ids, labels; images -> `pixel_values`, `image_sizes`.
+- `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`).
+- `dataset.supervised`: `SupervisedDataset`, one tokenized sample -> tensors.
 - `dataset.collator`: `SupervisedCollator(pad_token_id)`.
 - `dataset.build`: `build_supervised_dataset(...)`, all of the above in one call.
 """

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
-from dataset.conversation import DEFAULT_SYSTEM_PROMPT
+from dataprocess.schema import confined_image_path
 from dataset.loading import load_records
-from dataset.samples import SupervisedDataset, tokenize_records
+from dataset.processor import VLMProcessor
+from dataset.samples import tokenize_records
+from dataset.supervised import SupervisedDataset
 
 if TYPE_CHECKING:
     from visual.feature_cache import FeatureCache
@@ -23,15 +25,12 @@ logger = logging.getLogger(__name__)
 
 def build_supervised_dataset(
     path: str | os.PathLike,
-    tokenizer: Any,
+    processor: VLMProcessor,
     *,
     image_folder: str | os.PathLike | None,
     load_image: Callable[[Path], Image.Image],
-    preprocess: Callable[[list[Image.Image]], torch.Tensor],
-    image_token_id: int,
-    num_image_tokens: int,
     model_max_length: int,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    read_image_size: Callable[[Path], tuple[int, int]] | None = None,
     skip_invalid: bool = False,
     check_images: bool = True,
     allow_outside_image_folder: bool = False,
@@ -44,6 +43,8 @@ def build_supervised_dataset(
     dataset. See `load_records` / `tokenize_records`; with `feature_cache`, samples carry cached
     tower features (see `SupervisedDataset`). Image paths must stay inside `image_folder` unless
     `allow_outside_image_folder`, at validation and when the images are opened.
+    `read_image_size(path) -> (height, width)` (`visual.image_io.read_image_size`) is needed
+    only by a processor whose token count depends on the image size.
     """
     records, report = load_records(
         path,
@@ -53,13 +54,16 @@ def build_supervised_dataset(
         allow_outside_image_folder=allow_outside_image_folder,
         cache_dir=cache_dir,
     )
+    sizes_of = None
+    if read_image_size is not None and image_folder is not None:
+        sizes_of = functools.partial(
+            _image_sizes, read_image_size, Path(image_folder), allow_outside_image_folder
+        )
     samples, stats = tokenize_records(
         records,
-        tokenizer,
-        image_token_id=image_token_id,
-        num_image_tokens=num_image_tokens,
+        processor,
         model_max_length=model_max_length,
-        system_prompt=system_prompt,
+        image_sizes_of=sizes_of,
         num_proc=num_proc,
         source=str(path),
     )
@@ -72,8 +76,19 @@ def build_supervised_dataset(
         samples,
         image_folder=image_folder,
         load_image=load_image,
-        preprocess=preprocess,
+        processor=processor,
         feature_cache=feature_cache,
         allow_outside_image_folder=allow_outside_image_folder,
         source=str(path),
     )
+
+
+def _image_sizes(
+    read_image_size: Callable[[Path], tuple[int, int]],
+    image_folder: Path,
+    allow_outside: bool,
+    images: Sequence[str],
+) -> list[tuple[int, int]]:
+    """(height, width) of a record's images, the files resolved as the dataset opens them."""
+    paths = [confined_image_path(image_folder, p, allow_outside=allow_outside) for p in images]
+    return [read_image_size(path) for path in paths]

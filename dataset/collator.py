@@ -3,7 +3,8 @@
 `attention_mask` is built from the true lengths, never from `input_ids != pad_token_id`: Qwen
 pads with <|endoftext|>, which is also a real token that may appear inside a sample.
 `pixel_values` of all samples are concatenated along dim 0 in sample order, matching the order
-of the image placeholder runs in the flattened `input_ids`; a batch without any image has no
+of the image placeholder runs in the flattened `input_ids`, and so are their `image_sizes`
+[n_img, 2] (the model's per-image token counts come from them); a batch without any image has no
 `pixel_values` key, so text-only batches never reach the vision tower. Samples read from a
 feature cache carry `vision_features` [n_img, N, Dv] instead; they are concatenated the same way.
 """
@@ -45,7 +46,8 @@ class SupervisedCollator:
             "attention_mask": (torch.arange(max_length)[None, :] < lengths[:, None]).long(),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }  # each [B, L]
-        for key in ("pixel_values", "vision_features"):  # [n_img_total, 3, H, W] / [.., N, Dv]
+        # [n_img_total, 3, H, W] (or all tiles) / [n_img_total, N, Dv] / [n_img_total, 2]
+        for key in ("pixel_values", "vision_features", "image_sizes"):
             images = [s[key] for s in samples if s.get(key) is not None]
             if images:
                 batch[key] = torch.cat(images, dim=0)

@@ -19,14 +19,16 @@ from Qwen's `finetune.py`, which also supervises <|im_start|>/<|im_end|> of syst
 and the "\\n" after each turn: we supervise only what the model must generate at inference
 (the answer, then <|im_end|> to stop).
 
-Each "<image>" marker in a system or user turn becomes `num_image_tokens` copies of
-`image_token_id`, inserted as ids. The text around markers is encoded as plain text, so
+Each "<image>" marker in a system or user turn becomes a run of `image_token_id`, inserted as
+ids: `num_image_tokens` copies, or, given one count per image (a processor whose counts depend
+on the image size, see `dataset.processor`), that image's count. The text around markers is encoded as plain text, so
 special-token text in the data ("<|im_start|>", "<|extra_0|>") stays ordinary text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,21 +111,30 @@ class EncodedConversation:
 
 
 def _expand_images(
-    tokenizer: Any, text: str, image_token_id: int, num_image_tokens: int
+    tokenizer: Any, text: str, image_token_id: int, counts: Iterator[int]
 ) -> tuple[list[int], int]:
-    """Encode `text` with each marker replaced by a run of placeholder ids.
+    """Encode `text` with each marker replaced by a run of placeholder ids, the next count each.
 
     Returns (ids, end of the last placeholder run within ids, or 0).
     """
     pieces = text.split(IMAGE_MARKER)
     ids = encode_text(tokenizer, pieces[0])
-    image_run = [image_token_id] * num_image_tokens
     image_end = 0
     for piece in pieces[1:]:
-        ids += image_run
+        count = next(counts, None)
+        if count is None:
+            raise ValueError("the turns hold more <image> markers than image token counts")
+        ids += [image_token_id] * count
         image_end = len(ids)
         ids += encode_text(tokenizer, piece)
     return ids, image_end
+
+
+def _image_counts(num_image_tokens: int | Sequence[int]) -> Iterator[int]:
+    """One count per image, in marker order: an int is every image's count."""
+    if isinstance(num_image_tokens, int):
+        return itertools.repeat(num_image_tokens)
+    return iter(list(num_image_tokens))
 
 
 def encode_conversation(
@@ -132,17 +143,20 @@ def encode_conversation(
     contents: Sequence[str],
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     blocks: ChatBlocks | None = None,
 ) -> EncodedConversation:
     """Render turns (optional leading system, then user/assistant) as ChatML ids + labels.
 
-    `system_prompt` is used when the record has no system turn; `blocks` may be passed to
-    reuse `ChatBlocks.build(tokenizer)`. Raises ValueError if the turns hold no assistant
-    turn (nothing to learn from) or a role other than system/user/assistant.
+    `num_image_tokens` is every image's placeholder count, or one count per `<image>` marker in
+    order (then exactly as many as markers). `system_prompt` is used when the record has no
+    system turn; `blocks` may be passed to reuse `ChatBlocks.build(tokenizer)`. Raises
+    ValueError if the turns hold no assistant turn (nothing to learn from), a role other than
+    system/user/assistant, or per-image counts that do not match the markers.
     """
     blocks = blocks or ChatBlocks.build(tokenizer)
+    counts = _image_counts(num_image_tokens)
     newline = blocks.newline
     turns = list(zip(roles, contents, strict=True))
     if not turns or turns[0][0] != "system":
@@ -164,11 +178,15 @@ def encode_conversation(
             input_ids += prefix + body
             labels += [IGNORE_INDEX] * len(prefix) + body
             continue
-        body, body_image_end = _expand_images(tokenizer, content, image_token_id, num_image_tokens)
+        body, body_image_end = _expand_images(tokenizer, content, image_token_id, counts)
         if body_image_end:
             image_end = len(input_ids) + len(prefix) + body_image_end
         input_ids += prefix + body + suffix
         labels += [IGNORE_INDEX] * (len(prefix) + len(body) + len(suffix))
+    if not isinstance(num_image_tokens, int) and next(counts, None) is not None:
+        raise ValueError(
+            f"{len(num_image_tokens)} image token counts for fewer <image> markers in the turns"
+        )
     if first_label < 0:
         raise ValueError(f"conversation with roles {list(roles)} has no assistant turn")
     return EncodedConversation(input_ids, labels, image_end, first_label)
@@ -180,7 +198,7 @@ def encode_prompt(
     contents: Sequence[str],
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
 ) -> list[int]:
     """The generation prompt for turns ending with a user turn: the training layout up to and

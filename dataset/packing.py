@@ -103,9 +103,9 @@ def pack_samples(samples: Sequence[dict[str, torch.Tensor | None]]) -> dict:
         "labels": torch.cat(labels),  # [L]
         "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples]),  # [L]
     }
-    for key in ("pixel_values", "vision_features"):
+    for key in ("pixel_values", "vision_features", "image_sizes"):
         images = [s[key] for s in samples if s.get(key) is not None]
-        packed[key] = torch.cat(images) if images else None  # [n_img, ...]
+        packed[key] = torch.cat(images) if images else None  # [n_img, ...], in sample order
     return packed
 
 

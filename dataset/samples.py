@@ -7,39 +7,27 @@ tokenizer's vocabulary and the settings, so a second run with the same inputs re
 memory-mapped. Over-long samples are truncated or dropped by `fit_to_length`; both are counted
 and logged.
 
-`SupervisedDataset` turns one row into tensors. Images are decoded and preprocessed by callables
-owned by the vision tower (`visual.load_image`, `tower.preprocess`); this file never does image
-arithmetic itself. With a `feature_cache` (`visual.feature_cache.FeatureCache`), a sample carries
-the tower's cached output `vision_features` [n_img, N, Dv] instead of `pixel_values`.
+Placeholder runs have the lengths `dataset.processor.VLMProcessor` gives each image (for a
+size-dependent image processor, from each file's header size); a record whose images alone
+exceed `model_max_length` is refused, naming it.
+
+`dataset.supervised.SupervisedDataset` turns one tokenized row into tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from PIL import Image
 
-from dataprocess.schema import confined_image_path
-from dataset.conversation import (
-    DEFAULT_SYSTEM_PROMPT,
-    ChatBlocks,
-    encode_conversation,
-    encode_text,
-    fit_to_length,
-)
-
-if TYPE_CHECKING:
-    from visual.feature_cache import FeatureCache
+from dataset.conversation import ChatBlocks, EncodedConversation, encode_text, fit_to_length
+from dataset.processor import VLMProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +61,22 @@ class TokenizeStats:
         return self.records - self.samples
 
 
-def _tokenize_batch(batch: dict[str, list], **settings: Any) -> dict[str, list]:
+def _tokenize_batch(
+    batch: dict[str, list],
+    processor: VLMProcessor,
+    model_max_length: int,
+    image_sizes_of: Callable[[Sequence[str]], list[tuple[int, int]]] | None,
+    source: str,
+) -> dict[str, list]:
     """Batched map function: render each record; rows that cannot fit are left out."""
-    max_length = settings.pop("model_max_length")
-    tokenizer = settings.pop("tokenizer")
     out: dict[str, list] = {name: [] for name in SAMPLE_FEATURES}
-    blocks = ChatBlocks.build(tokenizer)
+    blocks = ChatBlocks.build(processor.tokenizer)
     rows = zip(batch["id"], batch["images"], batch["roles"], batch["contents"], strict=True)
     for record_id, images, roles, contents in rows:
-        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
-        sample = fit_to_length(full, max_length)
+        sizes = image_sizes_of(images) if image_sizes_of is not None else None
+        full = _encode(processor, record_id, source, roles, contents, sizes, blocks)
+        _check_images_fit(full, processor, record_id, source, model_max_length)
+        sample = fit_to_length(full, model_max_length)
         if sample is None:
             continue
         out["id"].append(record_id)
@@ -92,6 +86,38 @@ def _tokenize_batch(batch: dict[str, list], **settings: Any) -> dict[str, list]:
         out["length"].append(len(sample.input_ids))
         out["truncated"].append(len(sample.input_ids) < len(full.input_ids))
     return out
+
+
+def _encode(
+    processor: VLMProcessor,
+    record_id: str,
+    source: str,
+    roles: Sequence[str],
+    contents: Sequence[str],
+    sizes: list[tuple[int, int]] | None,
+    blocks: ChatBlocks,
+) -> EncodedConversation:
+    try:
+        return processor.encode(roles, contents, sizes, blocks=blocks)
+    except ValueError as err:
+        raise ValueError(f"record {record_id!r} of {source}: {err}") from err
+
+
+def _check_images_fit(
+    sample: EncodedConversation,
+    processor: VLMProcessor,
+    record_id: str,
+    source: str,
+    model_max_length: int,
+) -> None:
+    """Refuse a record whose image placeholders alone exceed the length: no cut can keep it,
+    and with size-dependent counts a silent drop would hide a bad --model_max_length."""
+    placeholders = sample.input_ids.count(processor.image_token_id)
+    if placeholders > model_max_length:
+        raise ValueError(
+            f"record {record_id!r} of {source}: its images alone take {placeholders} tokens, "
+            f"more than --model_max_length {model_max_length}"
+        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -121,16 +147,20 @@ def records_fingerprint(records: datasets.Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def _shortest_fit(records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any]) -> int:
+def _shortest_fit(records: datasets.Dataset, settings: dict[str, Any]) -> int:
     """The smallest model_max_length that keeps one of the first records (for an error message).
 
     Asks `fit_to_length` itself (it keeps more as the limit grows), so the rule stays its own.
     """
     shortest = None
-    blocks = ChatBlocks.build(tokenizer)
+    processor, sizes_of = settings["processor"], settings["image_sizes_of"]
+    blocks = ChatBlocks.build(processor.tokenizer)
     head = records.select(range(min(len(records), _SHORTEST_PROBE)))
-    for roles, contents in zip(head["roles"], head["contents"], strict=True):
-        full = encode_conversation(tokenizer, roles, contents, blocks=blocks, **settings)
+    for images, roles, contents in zip(
+        head["images"], head["roles"], head["contents"], strict=True
+    ):
+        sizes = sizes_of(images) if sizes_of is not None else None
+        full = processor.encode(roles, contents, sizes, blocks=blocks)
         low, high = 1, len(full.input_ids)  # fits at high; find the first length that fits
         while low < high:
             middle = (low + high) // 2
@@ -139,17 +169,13 @@ def _shortest_fit(records: datasets.Dataset, tokenizer: Any, settings: dict[str,
     return shortest or 0
 
 
-def _nothing_fits(
-    records: datasets.Dataset, tokenizer: Any, settings: dict[str, Any], source: str
-) -> ValueError:
+def _nothing_fits(records: datasets.Dataset, settings: dict[str, Any], source: str) -> ValueError:
     """The error for a model_max_length that drops every sample, with the length that would do."""
-    settings = dict(settings)
-    model_max_length = settings.pop("model_max_length")
-    shortest = _shortest_fit(records, tokenizer, settings)
+    shortest = _shortest_fit(records, settings)
     probed = "" if len(records) <= _SHORTEST_PROBE else f" of the first {_SHORTEST_PROBE}"
     return ValueError(
-        f"--model_max_length {model_max_length} is shorter than every sample of {source} "
-        f"(all {len(records)} dropped; the shortest{probed} needs {shortest} tokens)"
+        f"--model_max_length {settings['model_max_length']} is shorter than every sample of "
+        f"{source} (all {len(records)} dropped; the shortest{probed} needs {shortest} tokens)"
     )
 
 
@@ -176,35 +202,45 @@ def _log_length_cuts(
 
 def tokenize_records(
     records: datasets.Dataset,
-    tokenizer: Any,
+    processor: VLMProcessor,
     *,
-    image_token_id: int,
-    num_image_tokens: int,
     model_max_length: int,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    image_sizes_of: Callable[[Sequence[str]], list[tuple[int, int]]] | None = None,
     num_proc: int | None = None,
     source: str = "the records",
 ) -> tuple[datasets.Dataset, TokenizeStats]:
     """Tokenize all `records` (columns id, images, roles, contents) once, cached on disk.
 
-    Raises ValueError naming `source` (the records file) when there is no record, or when
+    Placeholder runs have the processor's count per image. When that count depends on the image
+    size (`processor.fixed_num_image_tokens` is None), `image_sizes_of(record's image paths)`
+    gives the (height, width) of each image, read from the files' headers.
+
+    Raises ValueError naming `source` (the records file) when there is no record, when a
+    record's images alone exceed `model_max_length` (naming the record), or when
     `model_max_length` is shorter than every sample (nothing would be left to train on).
     """
     if len(records) == 0:
         raise ValueError(f"no records to tokenize in {source}")
+    if processor.fixed_num_image_tokens is None and image_sizes_of is None:
+        raise ValueError(
+            "the processor's token count depends on the image size: give image_sizes_of"
+        )
+    if processor.fixed_num_image_tokens is not None:
+        image_sizes_of = None  # one count for every image: no file needs opening
     settings = {
-        "image_token_id": image_token_id,
-        "num_image_tokens": num_image_tokens,
+        "processor": processor,
         "model_max_length": model_max_length,
-        "system_prompt": system_prompt,
+        "image_sizes_of": image_sizes_of,
+        "source": source,
     }
     # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
     key = f"{TOKENIZE_VERSION}|{records_fingerprint(records)}|"
-    key += f"{tokenizer_fingerprint(tokenizer)}|{settings}"
+    key += f"{tokenizer_fingerprint(processor.tokenizer)}|{processor.image_token_id}|"
+    key += f"{processor.image_processor!r}|{model_max_length}|{processor.system_prompt!r}"
     samples = records.map(
         _tokenize_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, **settings},
+        fn_kwargs=settings,
         remove_columns=records.column_names,
         features=SAMPLE_FEATURES,
         num_proc=num_proc,
@@ -212,101 +248,8 @@ def tokenize_records(
         desc="tokenizing records",
     )
     if len(samples) == 0:
-        raise _nothing_fits(records, tokenizer, settings, source)
+        raise _nothing_fits(records, settings, source)
     truncated = pc.sum(samples.with_format("arrow")["truncated"]).as_py() or 0
     stats = TokenizeStats(records=len(records), samples=len(samples), truncated=truncated)
     _log_length_cuts(records, samples, stats, model_max_length, source)
     return samples, stats
-
-
-class SupervisedDataset(torch.utils.data.Dataset):
-    """Tokenized samples -> {"input_ids": [L], "labels": [L], "pixel_values": [n_img,3,H,W] | None}.
-
-    `load_image(path) -> PIL.Image` and `preprocess(list[PIL.Image]) -> [n,3,H,W]` come from the
-    vision tower. Image paths are resolved against `image_folder` by
-    `dataprocess.schema.confined_image_path`, the rule the validator checked them with, so the
-    file opened is the file validated. With `feature_cache`, images are not decoded: the
-    sample's "vision_features" [n_img, N, Dv] (the frozen tower's output, read from the cache)
-    replaces "pixel_values"; every image must be in the cache. `source` names the records file
-    in errors.
-    """
-
-    def __init__(
-        self,
-        samples: datasets.Dataset,
-        *,
-        image_folder: str | os.PathLike | None,
-        load_image: Callable[[Path], Image.Image],
-        preprocess: Callable[[list[Image.Image]], torch.Tensor],
-        feature_cache: FeatureCache | None = None,
-        allow_outside_image_folder: bool = False,
-        source: str = "the records",
-    ) -> None:
-        self.samples = samples
-        self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.load_image = load_image
-        self.preprocess = preprocess
-        self.feature_cache = feature_cache
-        self.allow_outside_image_folder = allow_outside_image_folder
-        self.source = source
-        if feature_cache is not None:
-            self._check_cache_covers(feature_cache)
-
-    def _check_cache_covers(self, cache: FeatureCache) -> None:
-        """Fail now, not mid-epoch, when a sample's image has no row in the cache."""
-        images = pc.unique(pc.list_flatten(self.samples.data.column("images"))).to_pylist()
-        missing = cache.missing(images)
-        if not missing:
-            return
-        first = missing[0]
-        record_id = next(
-            row["id"]
-            for row in self.samples.select_columns(["id", "images"])
-            if first in row["images"]
-        )
-        raise ValueError(
-            f"{len(missing)} image(s) of the samples are not in the feature cache {cache.path}, "
-            f"e.g. {first!r} of record {record_id!r}; rebuild the cache with "
-            "`python -m dataprocess features` over these records"
-        )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Token length of every sample (for a length-grouped sampler)."""
-        return self.samples.data.column("length").to_pylist()
-
-    def _pixel_values(self, record_id: str, images: Sequence[str]) -> torch.Tensor | None:
-        if not images:
-            return None
-        if self.image_folder is None:
-            raise ValueError(
-                f"record {record_id!r} of {self.source} has images but no image_folder was given"
-            )
-        paths = [
-            confined_image_path(self.image_folder, p, allow_outside=self.allow_outside_image_folder)
-            for p in images
-        ]
-        pixel_values = self.preprocess([self.load_image(path) for path in paths])
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != len(images):
-            raise ValueError(
-                f"record {record_id!r} of {self.source}: preprocess returned shape {tuple(pixel_values.shape)} for "
-                f"{len(images)} image(s); expected [{len(images)}, 3, H, W]"
-            )
-        return pixel_values  # [n_img, 3, H, W]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
-        row = self.samples[index]
-        sample = {
-            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),  # [L]
-            "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
-        }
-        if self.feature_cache is None:
-            sample["pixel_values"] = self._pixel_values(row["id"], row["images"])
-        elif row["images"]:
-            sample["vision_features"] = self.feature_cache.features(row["images"])  # [n_img, N, Dv]
-        else:
-            sample["vision_features"] = None
-        return sample

@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qwen import splice_image_features
 from qwen.loss import loss_chunk_size, supervised_cross_entropy
+from visual.processing import FixedGridProcessor, ImageProcessor
 
 # Config fields of LLMs whose logits are not plain `lm_head(hidden)` (Gemma 2's soft-capping,
 # Cohere's and Granite's scaling): those keep their own forward and loss. An LLM that transforms
@@ -54,7 +55,33 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """Rows per image of the fixed grid: the projector's output count (saved in the
+        checkpoint config). Token counts of images are asked of `image_processor`."""
         return int(self.projector.num_output_tokens)
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        """The image side of the processor seam (visual/processing.py). The tower's own when
+        its count depends on the image size (a tiling tower; `image_rows` then packs its tile
+        features); otherwise a fixed grid of the tower's preprocessing and this model's rows per
+        image (a resampler projector changes the tower's N)."""
+        processor = self.vision.image_processor
+        if processor.fixed_num_image_tokens is None:
+            return processor
+        return FixedGridProcessor(self.vision.preprocessor, self.num_image_tokens)
+
+    def image_rows(
+        self, image_features: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Projected features -> the flat `[total_rows, Dl]` rows the splice takes, image after
+        image in batch order: image i contributes `image_processor.num_image_tokens(size_i)`
+        rows. The fixed grid's `[n_img, N', Dl]` simply flattens; `image_sizes` [n_img, 2] (None
+        from a feature cache) must then name one size per image."""
+        if image_sizes is not None and image_sizes.shape[0] != image_features.shape[0]:
+            raise ValueError(
+                f"{image_sizes.shape[0]} image_sizes for {image_features.shape[0]} images"
+            )
+        return image_features.reshape(-1, image_features.shape[-1])  # [n_img * N', Dl]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision_features = self.vision(pixel_values)  # [n_img, N, Dv], no grad
@@ -78,14 +105,15 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None,
         vision_features: torch.Tensor | None = None,
         probe: bool = False,
+        image_sizes: torch.Tensor | None = None,
     ) -> dict:
         if pixel_values is not None and vision_features is not None:
             raise ValueError("pass pixel_values or cached vision_features, not both")
-        image_features = None  # projected, [n_img, N', Dl]
+        image_features = None  # projected, flat [total_rows, Dl]
         if pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.image_rows(self.encode_images(pixel_values), image_sizes)
         elif vision_features is not None:
-            image_features = self.project_features(vision_features)
+            image_features = self.image_rows(self.project_features(vision_features), image_sizes)
         elif probe:
             # A training batch without images would leave the image path out of the graph, and
             # under DDP or ZeRO the ranks would disagree on which gradients exist, which weights
@@ -109,14 +137,18 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ):
         """Training / scoring forward. Packed batches (dataset/packing.py) carry `position_ids`
         that restart at every sample and no `attention_mask`; the LLM isolates samples from them.
         Batches read from a feature cache carry `vision_features` (the frozen tower's output,
         `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs.
+        `image_sizes` `[n_img, 2]` (height, width) travel with the images (`image_rows`).
         """
         probe = self.training and labels is not None
-        inputs = self._llm_inputs(input_ids, pixel_values, vision_features, probe=probe)
+        inputs = self._llm_inputs(
+            input_ids, pixel_values, vision_features, probe=probe, image_sizes=image_sizes
+        )
         if position_ids is not None:
             inputs["position_ids"] = position_ids
         if labels is not None and not self.native_splice and not _transforms_logits(self.llm):
@@ -191,10 +223,11 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Returns only the newly generated token ids, `[B, new]`."""
-        inputs = self._llm_inputs(input_ids, pixel_values)
+        inputs = self._llm_inputs(input_ids, pixel_values, image_sizes=image_sizes)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         output = self.llm.generate(**inputs, attention_mask=attention_mask, **generate_kwargs)

@@ -1,7 +1,8 @@
 """Connects the data configuration to the dataset package, with the facts the model owns.
 
-The dataset receives ints (`image_token_id`, tokens per image) and callables (the tower's image
-loader and preprocessor); it never recomputes them. With `feature_cache`, the cache is checked
+The dataset receives one `dataset.processor.VLMProcessor` (the tokenizer, `image_token_id` and
+the model's `image_processor`, which owns preprocessing and tokens per image) and the image
+decoder; it never recomputes a count. With `feature_cache`, the cache is checked
 against the model's vision tower and the samples carry its features instead of images; the log
 says which of the two the images come from, and a missing --image_folder is an error either way.
 """
@@ -14,10 +15,12 @@ from pathlib import Path
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
 from dataset.packing import PackedCollator, PackedDataset
+from dataset.processor import VLMProcessor
 from model.vlm import VisionLanguageModel
 from runtime.config import DataConfig
 from visual import load_image
-from visual.feature_cache import FeatureCache, tower_cache_settings
+from visual.feature_cache import FeatureCache, check_fixed_grid, tower_cache_settings
+from visual.image_io import read_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ def _image_source(config: DataConfig, vlm: VisionLanguageModel) -> FeatureCache 
     if not config.feature_cache:
         logger.info("images: decoded from --image_folder %s", folder)
         return None
+    check_fixed_grid(vlm.image_processor)
     feature_cache = FeatureCache(config.feature_cache)
     feature_cache.check_matches(tower_cache_settings(vlm.vision))
     logger.info(
@@ -43,18 +47,18 @@ def _image_source(config: DataConfig, vlm: VisionLanguageModel) -> FeatureCache 
 def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
     """Returns (train dataset, eval dataset or None, collator). Bad records raise here."""
     feature_cache = _image_source(config, vlm)
+    processor = VLMProcessor(
+        tokenizer, vlm.image_token_id, vlm.image_processor, system_prompt=config.system_prompt
+    )
 
     def build(path: str):
         return build_supervised_dataset(
             path,
-            tokenizer,
+            processor,
             image_folder=config.image_folder,
             load_image=load_image,
-            preprocess=vlm.vision.preprocessor,  # light object: cheap to send to workers
-            image_token_id=vlm.image_token_id,
-            num_image_tokens=vlm.num_image_tokens,
+            read_image_size=read_image_size,
             model_max_length=config.model_max_length,
-            system_prompt=config.system_prompt,
             skip_invalid=config.skip_invalid,
             allow_outside_image_folder=config.allow_outside_image_folder,
             check_images=feature_cache is None,  # with a cache, the images are never opened

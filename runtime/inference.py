@@ -1,8 +1,9 @@
 """The one inference path: a conversation (with history) and its images -> the model's answer.
 
 `InferenceSession` holds a loaded VLM, its tokenizer, the system prompt recorded at training time
-and the generation settings. Its prompt is rendered by the code that renders training samples
-(`dataset.conversation.encode_prompt`), so the prompt for turn k is the training rendering of the
+and the generation settings. Its prompt is rendered by the processor that renders training
+samples (`dataset.processor.VLMProcessor`, with the model's `image_processor`: the same
+placeholder count per image size as in training), so the prompt for turn k is the training rendering of the
 same history, token for token. `test.py`, evaluation and any application answer through it:
 `answer` for one conversation, `answer_batch` for several in one left-padded `generate` call.
 """
@@ -23,7 +24,8 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from dataprocess.schema import IMAGE_MARKER
-from dataset.conversation import chat_stop_token_ids, encode_prompt
+from dataset.conversation import chat_stop_token_ids
+from dataset.processor import ImageSizes, VLMProcessor, image_sizes_of
 from model.checkpoint import load_vlm
 from model.vlm import VisionLanguageModel
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
@@ -109,6 +111,9 @@ class InferenceSession:
         self.tokenizer = tokenizer
         self.system_prompt = check_system_prompt(system_prompt)
         self.settings = settings or GenerationSettings()
+        self.processor = VLMProcessor(
+            tokenizer, vlm.image_token_id, vlm.image_processor, system_prompt=self.system_prompt
+        )
 
     @classmethod
     def from_checkpoint(
@@ -130,18 +135,17 @@ class InferenceSession:
         return next(self.vlm.projector.parameters()).device
 
     def prompt_ids(
-        self, roles: Sequence[str], contents: Sequence[str], system_prompt: str | None = None
+        self,
+        roles: Sequence[str],
+        contents: Sequence[str],
+        system_prompt: str | None = None,
+        image_sizes: ImageSizes | None = None,
     ) -> list[int]:
         """The generation prompt for a conversation ending with a user turn (history included);
-        `system_prompt` replaces the session's for this conversation (a record's own)."""
-        return encode_prompt(
-            self.tokenizer,
-            roles,
-            contents,
-            image_token_id=self.vlm.image_token_id,
-            num_image_tokens=self.vlm.num_image_tokens,
-            system_prompt=system_prompt or self.system_prompt,
-        )
+        `system_prompt` replaces the session's for this conversation (a record's own).
+        `image_sizes` ((height, width) of the decoded images, in marker order) may be left out
+        only when the model's image processor gives every image the same count."""
+        return self.processor.prompt_ids(roles, contents, image_sizes, system_prompt)
 
     def answer(
         self,
@@ -232,17 +236,22 @@ class InferenceSession:
                     f"{where}the conversation has {markers} {IMAGE_MARKER} marker(s) but "
                     f"{len(images)} image(s) were given; put one marker per image"
                 )
-            prompts.append(self.prompt_ids(roles, contents, systems[index]))
-            pictures.extend(load_image(image) for image in images)
+            decoded = [load_image(image) for image in images]
+            sizes = image_sizes_of(decoded)  # [n_img, 2]
+            prompts.append(self.prompt_ids(roles, contents, systems[index], sizes))
+            pictures.extend(decoded)
         settings = settings or self.settings
         input_ids, attention_mask = self.left_padded(prompts)  # [B, T] each
-        pixel_values = None
+        image_inputs = {}
         if pictures:
-            pixel_values = self.vlm.vision.preprocess(pictures).to(self.device)  # [n_img, 3, H, W]
+            image_inputs = {  # pixel_values [n_img, 3, H, W] (or all tiles), image_sizes [n_img, 2]
+                key: value.to(self.device)
+                for key, value in self.processor.image_inputs(pictures).items()
+            }
         new_ids = self.vlm.generate(
             input_ids,
             attention_mask=attention_mask,
-            pixel_values=pixel_values,
+            **image_inputs,
             **settings.generate_kwargs(self.tokenizer),
             streamer=streamer,
         )  # [B, new]

@@ -20,7 +20,10 @@ from dataprocess.schema import RecordError
 from dataset.build import build_supervised_dataset
 from dataset.loading import load_records
 from dataset.packing import PackedDataset
-from dataset.samples import SupervisedDataset, records_fingerprint
+from dataset.processor import VLMProcessor
+from dataset.samples import records_fingerprint
+from dataset.supervised import SupervisedDataset
+from visual.processing import FixedGridProcessor
 
 IMAGE_ID = 151646  # <|extra_0|>
 N = 3
@@ -63,14 +66,12 @@ def _build(path: Path, tokenizer, folder: Path | None, **options):
     settings = {
         "image_folder": folder,
         "load_image": lambda p: Image.open(p).convert("RGB"),
-        "preprocess": _fake_preprocess,
-        "image_token_id": IMAGE_ID,
-        "num_image_tokens": N,
         "model_max_length": 64,
         "cache_dir": path.parent / "cache",
         **options,
     }
-    return build_supervised_dataset(path, tokenizer, **settings)
+    processor = VLMProcessor(tokenizer, IMAGE_ID, FixedGridProcessor(_fake_preprocess, N))
+    return build_supervised_dataset(path, processor, **settings)
 
 
 def test_training_and_cli_share_one_validator(folder: Path) -> None:
@@ -209,7 +210,7 @@ def test_packing_with_every_sample_dropped_is_the_same_clear_error(
     config = DataConfig(data_path=str(path), image_folder=None, model_max_length=8, packing=True)
     vlm = SimpleNamespace(
         vision=SimpleNamespace(preprocessor=_fake_preprocess), image_token_id=IMAGE_ID,
-        num_image_tokens=N,
+        num_image_tokens=N, image_processor=FixedGridProcessor(_fake_preprocess, N),
     )  # fmt: skip
     with pytest.raises(ValueError, match="--model_max_length 8 is shorter than every sample"):
         build_datasets(config, vlm, tokenizer)
@@ -241,7 +242,10 @@ def test_feature_cache_checks_the_image_folder_and_says_which_is_read(
     cache = encode_feature_cache(
         tower, referenced_images(data), shapes_dir, tmp_path / "features", dtype="float32"
     )
-    vlm = SimpleNamespace(vision=tower, image_token_id=IMAGE_ID, num_image_tokens=16)
+    vlm = SimpleNamespace(
+        vision=tower, image_token_id=IMAGE_ID, num_image_tokens=16,
+        image_processor=FixedGridProcessor(tower.preprocessor, 16),
+    )  # fmt: skip
     config = DataConfig(
         data_path=str(data), image_folder=str(tmp_path / "nowhere"), feature_cache=str(cache)
     )

@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import samples as samples_module
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
 from dataset.conversation import IGNORE_INDEX
 from dataset.loading import load_records
-from dataset.samples import SupervisedDataset, tokenize_records
+from dataset.processor import VLMProcessor
+from dataset.samples import tokenize_records
+from dataset.supervised import SupervisedDataset
+from visual.processing import FixedGridProcessor
 
 IMAGE_ID = 151646
 N = 3
@@ -58,10 +60,17 @@ def data(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _fake_preprocess(images: list[Image.Image]) -> torch.Tensor:
+    # [n, 3, 2, 2] filled with each image's red channel / 255, so order is visible.
+    return torch.stack([torch.full((3, 2, 2), image.getpixel((0, 0))[0] / 255) for image in images])
+
+
+def _processor(tokenizer, tokens: int = N, preprocess=_fake_preprocess) -> VLMProcessor:
+    return VLMProcessor(tokenizer, IMAGE_ID, FixedGridProcessor(preprocess, tokens))
+
+
 def _tokenize(records, tokenizer):
-    return tokenize_records(
-        records, tokenizer, image_token_id=IMAGE_ID, num_image_tokens=N, model_max_length=64
-    )
+    return tokenize_records(records, _processor(tokenizer), model_max_length=64)
 
 
 def test_tokenize_records_counts_truncated_and_dropped(data: Path, tokenizer, caplog):
@@ -82,33 +91,21 @@ def test_tokenization_is_cached(data: Path, tokenizer, monkeypatch: pytest.Monke
     records, _ = load_records(data / "data.json", image_folder=data, cache_dir=data / "cache")
     first, _ = _tokenize(records, tokenizer)
     calls = []
-    real = samples_module.encode_conversation
-    monkeypatch.setattr(
-        samples_module, "encode_conversation", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    real = VLMProcessor.encode
+    monkeypatch.setattr(VLMProcessor, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
     second, stats = _tokenize(records, tokenizer)
     assert calls == [] and second.cache_files == first.cache_files and stats.truncated == 1
     # A different setting is a different cache entry.
-    tokenize_records(
-        records, tokenizer, image_token_id=IMAGE_ID, num_image_tokens=N + 1, model_max_length=64
-    )
+    tokenize_records(records, _processor(tokenizer, N + 1), model_max_length=64)
     assert len(calls) == len(records)
-
-
-def _fake_preprocess(images: list[Image.Image]) -> torch.Tensor:
-    # [n, 3, 2, 2] filled with each image's red channel / 255, so order is visible.
-    return torch.stack([torch.full((3, 2, 2), image.getpixel((0, 0))[0] / 255) for image in images])
 
 
 def test_supervised_dataset_and_collator(data: Path, tokenizer):
     dataset = build_supervised_dataset(
         data / "data.json",
-        tokenizer,
+        _processor(tokenizer),
         image_folder=data,
         load_image=lambda path: Image.open(path).convert("RGB"),
-        preprocess=_fake_preprocess,
-        image_token_id=IMAGE_ID,
-        num_image_tokens=N,
         model_max_length=64,
         skip_invalid=False,
         cache_dir=data / "cache",
@@ -160,7 +157,7 @@ def test_preprocess_shape_mismatch_names_the_record(data: Path, tokenizer):
         samples,
         image_folder=data,
         load_image=lambda path: Image.open(path),
-        preprocess=lambda images: torch.zeros(1, 3, 2, 2),
+        processor=_processor(tokenizer, preprocess=lambda images: torch.zeros(1, 3, 2, 2)),
     )
     with pytest.raises(ValueError, match="'two'.*2 image"):
         dataset[2]

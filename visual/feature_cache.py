@@ -15,6 +15,8 @@ decoding the image and running the tower each step. A cache directory holds:
 so an interrupted run never leaves a cache that looks finished. `FeatureCache` opens one
 read-only; it pickles without its array (reopened lazily), so DataLoader workers share the OS
 page cache. `check_matches` refuses a cache made with another tower, naming every difference.
+A cache holds one `[N, Dv]` block per image, so it serves fixed-grid image processors only:
+`check_fixed_grid` refuses one whose token count depends on the image size (AnyRes tiling).
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ MATCHED_SETTINGS = (
     "image_size",
     "weights",  # the tower's content (identity.fingerprint): new weights at the same path differ
 )
+
+
+def check_fixed_grid(image_processor: Any) -> None:
+    """Refuse, in one line, an image processor whose token count depends on the image size."""
+    if getattr(image_processor, "fixed_num_image_tokens", None) is None:
+        raise ValueError(
+            f"--feature_cache stores one fixed [N, Dv] block per image, but the image processor "
+            f"{type(image_processor).__name__} gives a size-dependent number of tokens per "
+            "image; train without --feature_cache"
+        )
 
 
 def _normalise_model_name(name: Any) -> Any:
@@ -125,8 +137,9 @@ def encode_feature_cache(
     Rows keep the first-seen order of the paths. Raises FileExistsError if `out_dir` exists,
     ValueError for a bad `dtype` / `batch_size` or no images, and `ImageLoadError` naming the
     file for an image that cannot be read, its `image` the path as given (nothing is left at
-    `out_dir` then).
+    `out_dir` then); a tower whose token count depends on the image size is refused.
     """
+    check_fixed_grid(tower.image_processor)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if batch_size < 1:

@@ -72,6 +72,21 @@ def load_image(path: str | os.PathLike[str] | bytes | Image.Image) -> Image.Imag
         raise ImageLoadError(f"cannot decode image file {name}: {err}") from err
 
 
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of the image `load_image(path)` would return, from the file's header
+    (EXIF orientation 5-8 swaps the sides); raises `ImageLoadError` naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ImageLoadError(f"image file not found: {file}")
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            transposed = image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"cannot decode image file {file}: {err}") from err
+    return (width, height) if transposed else (height, width)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return `image` as 8-bit RGB, EXIF-rotated, alpha composited on white (see module doc)."""
     if image.getexif().get(_ORIENTATION, 1) != 1:

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from visual.preprocessing import ImagePreprocessor
+from visual.processing import FixedGridProcessor
 
 
 def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
@@ -62,6 +63,12 @@ class VisionTower(nn.Module):
     def image_size(self) -> int:
         """Side of the square images the tower takes."""
         return self.preprocessor.output_size[0]
+
+    @property
+    def image_processor(self) -> FixedGridProcessor:
+        """The tower's own processor: its preprocessing, `num_image_tokens` rows per image (a
+        model whose projector changes the count builds its own, `VisionLanguageModel`)."""
+        return FixedGridProcessor(self.preprocessor, self.num_image_tokens)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -28,6 +28,7 @@ from runtime.export.gguf_text import (
     text_hparams,
     text_tensors,
 )
+from runtime.export.llava import tokens_per_image
 from runtime.export.tokenizer import chat_template, export_tokenizer
 from runtime.outputs import atomic_directory, check_destination, check_not_a_source
 
@@ -110,7 +111,7 @@ def write_text_gguf(path: Path, vlm, tokenizer, outtype: str, system_prompt: str
     add_tokenizer(writer, export_tokenizer(tokenizer), hparams["vocab_size"], template)
     writer.add_string(IMAGE_TOKEN_KEY, image_token)
     writer.add_uint32(IMAGE_TOKEN_ID_KEY, vlm.image_token_id)
-    writer.add_uint32(NUM_IMAGE_TOKENS_KEY, vlm.num_image_tokens)
+    writer.add_uint32(NUM_IMAGE_TOKENS_KEY, tokens_per_image(vlm))
     _write(writer, text_tensors(vlm.llm), outtype)
 
 

@@ -41,6 +41,18 @@ LANGUAGE_PREFIX = "model.language_model."
 LM_HEAD = "lm_head.weight"
 
 
+def tokens_per_image(vlm: VisionLanguageModel) -> int:
+    """The fixed grid's image tokens per image, asked of the model's image processor; a
+    size-dependent one (AnyRes) is refused: LLaVA's `image_seq_length` is one number."""
+    tokens = vlm.image_processor.fixed_num_image_tokens
+    if tokens is None:
+        raise ValueError(
+            f"LLaVA holds a fixed number of tokens per image, but the image processor "
+            f"{type(vlm.image_processor).__name__} gives a size-dependent number"
+        )
+    return tokens
+
+
 def check_convertible(vlm: VisionLanguageModel) -> None:
     """Raise ValueError saying what LLaVA cannot hold, and what to use instead."""
     from peft import PeftModel  # imported where used: it imports bitsandbytes
@@ -83,6 +95,7 @@ def check_convertible(vlm: VisionLanguageModel) -> None:
             f"{type(vlm.projector).__name__}; `python -m runtime.merge` gives a standalone copy "
             "that this toolkit loads"
         )
+    tokens_per_image(vlm)
 
 
 def qwen2_config(config) -> Qwen2Config:
@@ -140,7 +153,7 @@ def llava_config(vlm: VisionLanguageModel) -> LlavaConfig:
         vision_config=_portable(tower.to_dict()),
         text_config={**_portable(text.to_dict()), "use_cache": True},  # training turns it off
         image_token_id=vlm.image_token_id,
-        image_seq_length=vlm.num_image_tokens,
+        image_seq_length=tokens_per_image(vlm),
         projector_hidden_act="gelu",  # exact (erf) GELU, as nn.GELU() in MLPProjector
         vision_feature_select_strategy=SELECT_STRATEGY[tower.model_type],
         vision_feature_layer=resolve_feature_layer(

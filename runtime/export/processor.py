@@ -13,7 +13,7 @@ from __future__ import annotations
 from transformers import LlavaImageProcessorPil, LlavaProcessor
 
 from model.vlm import VisionLanguageModel
-from runtime.export.llava import CLASS_TOKENS, SELECT_STRATEGY
+from runtime.export.llava import CLASS_TOKENS, SELECT_STRATEGY, tokens_per_image
 from runtime.export.tokenizer import chat_template
 from visual.preprocessing import ImagePreprocessor
 
@@ -62,9 +62,10 @@ def llava_processor(
         num_additional_image_tokens=CLASS_TOKENS[tower.model_type],
     )
     grid = tower.image_size // tower.patch_size
-    if processor.image_token_id != vlm.image_token_id or grid * grid != vlm.num_image_tokens:
+    tokens = tokens_per_image(vlm)
+    if processor.image_token_id != vlm.image_token_id or grid * grid != tokens:
         raise ValueError(
             f"LlavaProcessor would put {grid * grid} x id {processor.image_token_id} per image, "
-            f"the model expects {vlm.num_image_tokens} x id {vlm.image_token_id}"
+            f"the model expects {tokens} x id {vlm.image_token_id}"
         )
     return processor

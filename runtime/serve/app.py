@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from dataset.processor import image_sizes_of
 from runtime.inference import InferenceSession
 from runtime.serve.config import ServeConfig
 from runtime.serve.errors import ApiError, bad_request, too_large
@@ -162,7 +163,8 @@ def prepare_job(session: InferenceSession, chat: ChatRequest, config: ServeConfi
     """Decode the images and measure the prompt (off the event loop)."""
     images = [fetch_image(url, where, config) for url, where in chat.image_urls]
     try:
-        prompt = session.prompt_ids(chat.roles, chat.contents, chat.system_prompt)
+        sizes = image_sizes_of(images)  # the count of image tokens may depend on the size
+        prompt = session.prompt_ids(chat.roles, chat.contents, chat.system_prompt, sizes)
     except ValueError as error:
         raise bad_request(str(error), "messages") from None
     return Job(
