@@ -17,15 +17,21 @@ logger = logging.getLogger(__name__)
 def prepare_demo(root: str | Path = "demo_assets", num_train: int = 20000, num_test: int = 200):
     from demo.shapes import generate_shapes_dataset
     from demo.tiny_models import DEMO_QWEN, save_tiny_clip, save_tiny_qwen
+    from demo.tiny_towers import save_tiny_siglip_tower
 
     root = Path(root)
-    qwen_dir, clip_dir = root / "tiny-qwen", root / "tiny-clip"
+    qwen_dir, clip_dir, siglip_dir = root / "tiny-qwen", root / "tiny-clip", root / "tiny-siglip"
     if not _is_current_tiny_qwen(qwen_dir):
         logger.info("building a tiny random QWen in %s", qwen_dir)
         save_tiny_qwen(qwen_dir, **DEMO_QWEN)
     if not (clip_dir / "config.json").is_file():
         logger.info("building a tiny random CLIP tower in %s", clip_dir)
         save_tiny_clip(clip_dir)
+    if not (siglip_dir / "config.json").is_file():
+        # The demo's second tower (`--vision_model demo_assets/tiny-siglip`): same 32 px images and
+        # 16 tokens, no class token - the one llama.cpp runs exactly (docs/GGUF.md).
+        logger.info("building a tiny random SigLIP tower in %s", siglip_dir)
+        save_tiny_siglip_tower(siglip_dir)
     generate_shapes_dataset(root / "shapes", num_train=num_train, num_test=num_test)
     return root
 

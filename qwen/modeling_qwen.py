@@ -269,7 +269,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self._supervised_loss(hidden_states, labels)
         else:
-            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+            # The kept rows are a strided view when B > 1; a linear layer on a strided input takes
+            # a path ~6x slower on CPU (151,936-row lm_head, batch 8: 85 ms vs 13 ms), which made
+            # the batched prefill cost more than all its decode steps. Copying 1 row each is free.
+            kept = slice_logits_to_keep(hidden_states, logits_to_keep).contiguous()  # [B, k, H]
+            logits = self.lm_head(kept)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

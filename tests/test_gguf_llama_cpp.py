@@ -112,17 +112,26 @@ def test_llama_cpp_answers_the_shapes_records_as_we_do(work, checkpoints, shapes
     assert identical == n, report["differing"]
 
 
-@pytest.mark.skipif(
-    not (ROOT / "outputs" / "demo").is_dir(), reason="no outputs/demo: run `sh train.sh` first"
-)
-@CLASS_TOKEN_LAST  # the demo's tower is a CLIP: 49.0% vs our 94.5% on all 200 (docs/GGUF.md)
-def test_llama_cpp_matches_test_py_on_held_out_demo_records(work, monkeypatch):
+DEMOS = [
+    # the default demo's tower is a CLIP: 49.0% vs our 94.5% on all 200 (docs/GGUF.md)
+    pytest.param("demo", marks=CLASS_TOKEN_LAST, id="clip"),
+    # `sh train.sh --vision_model demo_assets/tiny-siglip --output_dir outputs/demo-siglip`
+    pytest.param("demo-siglip", id="siglip"),
+]
+
+
+@pytest.mark.parametrize("demo", DEMOS)
+def test_llama_cpp_matches_test_py_on_held_out_demo_records(work, monkeypatch, demo):
     """The first 20 held-out records (bench.gguf_parity runs all 200: docs/GGUF.md)."""
+    if not (ROOT / "outputs" / demo).is_dir():
+        pytest.skip(
+            f"no outputs/{demo}: train it first (sh train.sh; see the README's GGUF section)"
+        )
     monkeypatch.chdir(ROOT)  # the demo checkpoint names its base models relative to the repo
     records = load_records(ROOT / "demo_assets/shapes/test.json", ROOT / "demo_assets/shapes", 20)
-    report = parity(ROOT / "outputs" / "demo", records, export_dir=work / "demo")
+    report = parity(ROOT / "outputs" / demo, records, export_dir=work / demo)
     n, identical = report["records"], report["identical_answers"]
-    print(f"demo: identical answers {identical}/{n}, exact match ours "
+    print(f"{demo}: identical answers {identical}/{n}, exact match ours "
           f"{report['exact_match_ours']:.1%}, llama.cpp {report['exact_match_llama_cpp']:.1%}")  # fmt: skip
     assert abs(report["exact_match_ours"] - report["exact_match_llama_cpp"]) <= 0.02
     assert identical >= n - 1, report["differing"]
