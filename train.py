@@ -113,7 +113,8 @@ def run(config, resume: str | None, rank: int = 0):
     if rank == 0:  # a run that dies early still says what it was
         save_config(config, out / TRAIN_CONFIG)
         save_description(description, out)
-    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
+    objective = config.training.training_objective
+    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer, objective)
     dtype = resolve_dtype(config.language_model.dtype)
     trainer = VLMTrainer(
         model=vlm,

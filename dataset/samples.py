@@ -297,16 +297,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
             )
         return pixel_values  # [n_img, 3, H, W]
 
+    def image_inputs(self, row: dict) -> dict[str, torch.Tensor | None]:
+        """A row's "pixel_values" [n_img, 3, H, W] or cached "vision_features" [n_img, N, Dv]."""
+        if self.feature_cache is None:
+            return {"pixel_values": self._pixel_values(row["id"], row["images"])}
+        if row["images"]:
+            return {"vision_features": self.feature_cache.features(row["images"])}
+        return {"vision_features": None}
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.samples[index]
         sample = {
             "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),  # [L]
             "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
         }
-        if self.feature_cache is None:
-            sample["pixel_values"] = self._pixel_values(row["id"], row["images"])
-        elif row["images"]:
-            sample["vision_features"] = self.feature_cache.features(row["images"])  # [n_img, N, Dv]
-        else:
-            sample["vision_features"] = None
-        return sample
+        return {**sample, **self.image_inputs(row)}

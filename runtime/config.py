@@ -29,6 +29,7 @@ from model.config import (
 )
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
 from runtime.engines import check_engines
+from runtime.preference import DPO_LOSSES, TRAINING_OBJECTIVES
 
 REPORT_TO = ("tensorboard", "none")
 
@@ -84,6 +85,13 @@ class TrainingConfig:
     # Supervised tokens per chunk of the LM loss (lm_head + cross-entropy, qwen/loss.py): the loss's
     # memory is one chunk's logits, never the batch's; null = the default there
     lm_loss_chunk_size: int | None = None
+    # "sft" (supervised answers) or "dpo" (preference pairs: records with chosen/rejected; see
+    # runtime/preference.py): one of TRAINING_OBJECTIVES
+    training_objective: str = "sft"
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # one of DPO_LOSSES
+    # RPO: add this weight times the chosen answers' mean NLL to the DPO loss; null = plain DPO
+    rpo_alpha: float | None = None
 
 
 @dataclass
@@ -194,11 +202,33 @@ def validate_config(config: RunConfig) -> None:
             f"--max_steps must be a positive number of optimizer steps, or -1 to train "
             f"--num_train_epochs epochs; got {steps}"
         )
+    _validate_objective(config)
     cache = config.data.feature_cache
     if cache is not None and not Path(cache).is_dir():
         raise ValueError(
             f"--feature_cache {cache!r}: no such directory; write one with "
             "`python -m dataprocess features`"
+        )
+
+
+def _validate_objective(config: RunConfig) -> None:
+    t = config.training
+    check_choice("training_objective", t.training_objective, TRAINING_OBJECTIVES)
+    check_choice("dpo_loss", t.dpo_loss, DPO_LOSSES)
+    if t.dpo_beta <= 0:
+        raise ValueError(f"--dpo_beta must be positive, got {t.dpo_beta}")
+    if t.rpo_alpha is not None and t.rpo_alpha < 0:
+        raise ValueError(f"--rpo_alpha must be >= 0 (or unset), got {t.rpo_alpha}")
+    if t.training_objective != "dpo":
+        return
+    if config.data.packing:
+        raise ValueError(
+            "--packing does not apply to --training_objective dpo (rows come in pairs)"
+        )
+    if config.lora.train_mode == "projector+llm":
+        raise ValueError(
+            "--training_objective dpo takes its reference model by disabling the LoRA adapter; "
+            "--train_mode projector+llm has none (use projector+lora or projector)"
         )
 
 
