@@ -88,6 +88,11 @@ class TrainingConfig:
     # "sft" (supervised answers) or "dpo" (preference pairs: records with chosen/rejected; see
     # runtime/preference.py): one of TRAINING_OBJECTIVES
     training_objective: str = "sft"
+    # Start from a trained model: a training output, a checkpoint-N or a merged dir. Its network
+    # settings, projector and LLM (its LoRA merged in memory) are the start; a fresh LoRA trains
+    # on top (model/lineage.py); the flags' language_model / vision / projector settings are
+    # replaced by its own, dtype and bits stay
+    init_from: str | None = None
     dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
     dpo_loss: str = "sigmoid"  # one of DPO_LOSSES
     # RPO: add this weight times the chosen answers' mean NLL to the DPO loss; null = plain DPO
@@ -173,9 +178,35 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ValueError(f"unknown setting {name!r}")
         setattr(owner, name, value)
     config = RunConfig(**sections)
+    if config.training.init_from is not None:
+        inherit_network(config)
     resolve_defaults(config.vision)
     validate_config(config)
     return config
+
+
+def inherit_network(config: RunConfig) -> None:
+    """Replace the network sections by those of `--init_from`'s model (dtype and bits stay)."""
+    from model.checkpoint import read_description
+
+    parent = config.training.init_from
+    if config.projector.projector_path is not None:
+        raise ValueError("--init_from brings its own projector; drop --projector_path")
+    if config.language_model.bits == 4:
+        raise ValueError(
+            "--bits 4 with --init_from: the started-from LLM is merged in 16/32-bit and would have "
+            "to be quantized again; use --bits 16 (or merge it with python -m runtime.merge and "
+            "train on the merged directory's language_model/)"
+        )
+    try:
+        description = read_description(parent)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"--init_from {parent}: {error}") from None
+    language = LanguageModelConfig(**description["language_model"])
+    language.dtype, language.bits = config.language_model.dtype, config.language_model.bits
+    config.language_model = language
+    config.vision = VisionConfig(**description["vision"])
+    config.projector = ProjectorConfig(**{**description["projector"], "projector_path": None})
 
 
 def _field_names(obj) -> set[str]:

@@ -238,3 +238,66 @@ def test_flags_are_checked():
         train.parse_args(["--training_objective", "dpo", "--train_mode", "projector+llm"])
     with pytest.raises(ValueError, match="--dpo_beta must be positive"):
         train.parse_args(["--dpo_beta", "0"])
+
+
+# --- --init_from: DPO on top of an SFT run, loaded like any checkpoint --------------------------
+
+
+@pytest.mark.slow
+def test_dpo_on_top_of_sft_loads_with_its_parent_merged(
+    tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path
+):
+    from conftest import answer_of_test_py, held_out
+
+    import train
+    from model.checkpoint import INIT_FROM, CheckpointError, load_vlm
+    from model.lineage import load_merged
+
+    common = {"lora_rank": 4, "lora_dropout": 0.0, "per_device_train_batch_size": 2}
+    sft = tmp_path / "sft"
+    sft_flags = train_flags(
+        tiny_qwen_dir, tiny_clip_dir, shapes_dir / "train.json", shapes_dir, sft,
+        max_steps=2, learning_rate=5e-2, **common,
+    )  # fmt: skip
+    train.main(sft_flags)
+    pairs = write_pairs(shapes_dir, tmp_path / "pairs.json", count=4)
+    dpo = tmp_path / "dpo"
+    dpo_flags = train_flags(
+        "ignored", "ignored", pairs, shapes_dir, dpo, training_objective="dpo",
+        init_from=sft, max_steps=2, learning_rate=5e-2, **common,
+    )  # fmt: skip
+    trainer = train.main(dpo_flags)
+    first = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the SFT model is the reference
+
+    description = json.loads((dpo / "vlm_config.json").read_text())
+    assert description[INIT_FROM]["path"] == str(sft.resolve())
+    assert description["language_model"]["language_model"] == str(Path(tiny_qwen_dir).resolve())
+    loaded, _, _ = load_vlm(dpo, dtype="float32")
+    trained = trainer.model.eval()
+    batch = pair_batch_of(trainer)
+    with torch.no_grad():
+        want = trained(**batch, answer_log_probs=True).log_probs
+        got = loaded(**batch, answer_log_probs=True).log_probs
+        with loaded.llm.disable_adapter():  # without its own LoRA: the SFT model, merged
+            parent = loaded(**batch, answer_log_probs=True).log_probs
+        sft_model, _, _ = load_merged(sft, dtype="float32")
+        sft_model.projector.load_state_dict(loaded.projector.state_dict())
+        sft_log_probs = sft_model(**batch, answer_log_probs=True).log_probs
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(parent, sft_log_probs, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, parent)  # DPO changed the model
+    image, question = held_out(shapes_dir, 0)
+    assert isinstance(answer_of_test_py(dpo, image, question), str)  # test.py loads it
+
+    (sft / "projector.safetensors").write_bytes(b"changed")  # the parent is not what DPO started on
+    with pytest.raises(CheckpointError, match="whose weights have changed since"):
+        load_vlm(dpo, dtype="float32")
+
+
+def pair_batch_of(trainer) -> dict:
+    """The first batch of a trainer's data, on its collator, without the images' pixel values
+    duplicated: one pair's rows through the plain forward need per-row images."""
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
+    return batch
