@@ -97,17 +97,21 @@ class PreferenceObjective:
         `vlm` the VisionLanguageModel inside it."""
         rows = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         features = self._vision_features(vlm, batch)
-        reference_inputs = {}
         if features is not None:
             features = torch.cat([features, features])  # chosen rows' images, then rejected's
-            rows["vision_features"] = features  # [2 n_img, N, Dv]
-            with torch.no_grad():
-                projected = vlm.project_features(features, self.reference_projector)
-            reference_inputs["image_features"] = projected  # [2 n_img, N', Dl]
-        policy = model(**rows, answer_log_probs=True)
+        else:  # no image in this batch: zero rows, so the reference never runs the image probe
+            size = (0, vlm.vision.num_image_tokens, vlm.vision.hidden_size)
+            weight = next(self.reference_projector.parameters())
+            features = weight.new_zeros(size)
+        with torch.no_grad():
+            projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
+        images = {"vision_features": features} if len(features) else {}
+        # The policy's batch without images takes the forward's own image-path probe, so under
+        # DDP / ZeRO every rank runs the same modules in the same order (docs/ARCHITECTURE.md);
+        # the reference runs the LLM alone (its projector is a plain copy, the tower ran above).
+        policy = model(**rows, **images, answer_log_probs=True)
         with torch.no_grad(), adapter_disabled(vlm.llm):
-            reference_rows = {k: v for k, v in rows.items() if k != "vision_features"}
-            reference = model(**reference_rows, **reference_inputs, answer_log_probs=True)
+            reference = model(**rows, image_features=projected, answer_log_probs=True)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             policy.log_probs,
             reference.log_probs,

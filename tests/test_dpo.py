@@ -182,6 +182,30 @@ def test_the_tower_runs_once_per_pair(tiny_vlm):
     assert seen == [2]  # two pairs' images, once: not once per row, not again for the reference
 
 
+def test_a_batch_without_images_runs_the_image_probe_in_the_policy_only(tiny_vlm):
+    from test_chunked_loss import IMAGE_TOKEN_ID
+
+    vlm = tiny_vlm
+    batch = pair_batch(vlm)
+    del batch["pixel_values"]
+    batch["input_ids"][batch["input_ids"] == IMAGE_TOKEN_ID] = 11
+    objective = PreferenceObjective(vlm, beta=0.1, loss_type="sigmoid", rpo_alpha=None)
+    calls = []
+    vlm.projector.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    loss, _ = objective(vlm, vlm, batch)
+    assert calls == [1]  # the policy's probe (a blank image's features); the reference: none
+    with torch.no_grad():
+        inputs = vlm._spliced_inputs(batch["input_ids"], None)
+        logits = vlm.llm(**inputs, attention_mask=batch["attention_mask"]).logits
+        policy = direct_log_probs(logits, batch["labels"])
+        with vlm.llm.disable_adapter():
+            logits = vlm.llm(**inputs, attention_mask=batch["attention_mask"]).logits
+        reference = direct_log_probs(logits, batch["labels"])
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+    losses, _, _ = preference_losses(policy, reference, counts, beta=0.1)
+    torch.testing.assert_close(loss, losses.mean(), rtol=0, atol=1e-5)
+
+
 # --- train.py ----------------------------------------------------------------------------------
 
 
