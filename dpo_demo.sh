@@ -3,8 +3,8 @@
 # existence questions leaves the shapes demo saying "yes" to shapes that are not there; DPO on
 # generated pairs, started from that model, fixes it. POPE-style evaluation (accuracy, yes-ratio)
 # before and after, with runtime.evaluation.
-#   sh dpo_demo.sh                       # needs the shapes demo (sh train.sh) in $BASE
-#   BASE_STEPS=800 sh dpo_demo.sh        # trains a shorter shapes demo first when $BASE is missing
+#   sh dpo_demo.sh                 # starts from the shapes demo in $BASE (sh train.sh), or trains it
+#   BASE_STEPS=600 sh dpo_demo.sh  # a shorter shapes demo when $BASE holds no finished one
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,8 +17,8 @@ YES_STEPS=${YES_STEPS:-125}    # one epoch of the 2,000 yes-only records, batch 
 DPO_STEPS=${DPO_STEPS:-250}    # two epochs of the 2,000 pairs, batch 16
 POPE=demo_assets/pope
 
-if [ ! -f "$BASE/vlm_config.json" ]; then
-  sh train.sh --output_dir "$BASE" --max_steps "$BASE_STEPS"
+if [ ! -f "$BASE/projector.safetensors" ]; then  # no finished shapes demo there: train one
+  sh train.sh --output_dir "$BASE" --max_steps "$BASE_STEPS" --overwrite_output_dir
 fi
 "$PYTHON" -m demo.preference --root demo_assets
 
