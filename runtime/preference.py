@@ -83,11 +83,21 @@ class PreferenceObjective:
         self.reference_projector = copy.deepcopy(vlm.projector).requires_grad_(False).eval()
 
     def _vision_features(self, vlm: nn.Module, batch: dict) -> torch.Tensor | None:
-        """The tower's output for the pairs' images, once per pair `[n_img, N, Dv]`."""
+        """The tower's output for the pairs' images, once per pair `[n_img, N, Dv]`.
+
+        Under ZeRO-3 (`vlm.probe_tower`) the tower gathers its weights by collective calls, and
+        the engine prefetches by the order it recorded: so a batch without images runs it too,
+        on a blank image (zero rows kept), and every rank calls the same modules in one order.
+        """
         if batch.get("vision_features") is not None:
             return batch["vision_features"]
         if batch.get("pixel_values") is not None:
             return vlm.vision(batch["pixel_values"])  # frozen, no grad
+        if vlm.probe_tower:
+            size = vlm.vision.image_size
+            weight = next(self.reference_projector.parameters())
+            blank = torch.zeros((1, 3, size, size), dtype=vlm.vision.dtype, device=weight.device)
+            return vlm.vision(blank)[:0]  # [0, N, Dv]
         return None
 
     def __call__(
@@ -105,10 +115,11 @@ class PreferenceObjective:
             features = weight.new_zeros(size)
         with torch.no_grad():
             projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
-        images = {"vision_features": features} if len(features) else {}
-        # The policy's batch without images takes the forward's own image-path probe, so under
-        # DDP / ZeRO every rank runs the same modules in the same order (docs/ARCHITECTURE.md);
-        # the reference runs the LLM alone (its projector is a plain copy, the tower ran above).
+        images = {"vision_features": features} if len(features) or vlm.probe_tower else {}
+        # A policy batch without images takes the forward's image-path probe (or, with the tower
+        # run above on a blank image, projects its zero rows), so under DDP / ZeRO every rank runs
+        # the same modules in the same order (docs/ARCHITECTURE.md); the reference runs the LLM
+        # alone (its projector is a plain copy, the tower ran above).
         policy = model(**rows, **images, answer_log_probs=True)
         with torch.no_grad(), adapter_disabled(vlm.llm):
             reference = model(**rows, image_features=projected, answer_log_probs=True)

@@ -19,6 +19,7 @@ from test_dpo import write_pairs
 from test_training_runs import CHECKPOINT_FILES, final_weights
 
 import train
+from runtime import engines
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -101,3 +102,49 @@ def test_two_processes_match_one_with_the_same_global_batch(
             [e[key] for e in expected], rel=1e-4, abs=1e-6
         ), key
     assert expected[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-4)
+
+
+def write_mixed_pairs(shapes_dir: Path, out: Path) -> Path:
+    """[image pair, 3 text-only pairs]: every step of a 2-process run has a rank without an image
+    (the tower and projector must still run there in the same order: the image-path probe)."""
+    records = json.loads(write_pairs(shapes_dir, out, count=1).read_text(encoding="utf-8"))
+    for index, (question, yes) in enumerate(
+        [("Is the sky blue?", True), ("Is fire cold?", False), ("Is snow white?", True)]
+    ):
+        answers = ("yes", "no") if yes else ("no", "yes")
+        records.append({"id": f"text{index}", "conversations": [{"from": "human", "value": question}],
+                        "chosen": answers[0], "rejected": answers[1]})  # fmt: skip
+    out.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+@pytest.mark.skipif(not engines.deepspeed_installed(), reason="SKIPPED: deepspeed is not installed")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_two_processes_match_one(
+    tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path, stage
+):
+    pairs = write_mixed_pairs(shapes_dir, tmp_path / "pairs.json")
+    config = REPO / "configs" / "deepspeed" / f"{stage}.json"
+
+    def flags(out, batch, **extra):
+        return train_flags(
+            tiny_qwen_dir, tiny_clip_dir, pairs, shapes_dir, out, training_objective="dpo",
+            per_device_train_batch_size=batch, max_steps=3, save_steps=3, learning_rate=1e-2,
+            feature_proj_lr=1e-2, **COMMON, **extra,
+        )  # fmt: skip
+
+    single = tmp_path / "single"
+    train.main(flags(single, batch=2))
+    double = tmp_path / "double"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "train.py"), *flags(double, batch=1, deepspeed=config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = logged(single, 3), logged(double, 3)
+    assert (double / "checkpoint-3" / "rng_state_1.pth").is_file()
+    for key in ("loss", *REWARDS):
+        assert [e[key] for e in got] == pytest.approx(
+            [e[key] for e in expected], rel=1e-4, abs=1e-6
+        ), key
+    assert len({e["loss"] for e in expected}) > 1
