@@ -148,3 +148,30 @@ def test_deepspeed_two_processes_match_one(
             [e[key] for e in expected], rel=1e-4, abs=1e-6
         ), key
     assert len({e["loss"] for e in expected}) > 1
+
+
+def test_qlora_dpo_trains_with_the_4_bit_llm_as_its_own_reference(
+    tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path
+):
+    pairs = write_pairs(shapes_dir, tmp_path / "pairs.json", count=2)
+    out = tmp_path / "qlora"
+    trainer = train.main(
+        train_flags(
+            tiny_qwen_dir,
+            tiny_clip_dir,
+            pairs,
+            shapes_dir,
+            out,
+            training_objective="dpo",
+            bits=4,
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            **COMMON,
+        )  # fmt: skip
+    )
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # LoRA off = LoRA at its start
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
