@@ -8,4 +8,6 @@ Modules (import them directly; nothing heavy is imported with the package):
 - `dataset.samples`: `tokenize_records(...)` (cached `datasets.map`) and `SupervisedDataset`.
 - `dataset.collator`: `SupervisedCollator(pad_token_id)`.
 - `dataset.build`: `build_supervised_dataset(...)`, all of the above in one call.
+- `dataset.preference`: preference pairs (DPO): `tokenize_pairs`, `PreferenceDataset`,
+  `PreferenceCollator` (chosen rows, then rejected rows), `build_preference_dataset(...)`.
 """
