@@ -62,6 +62,24 @@ def preference_losses(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+class RewardMeans:
+    """The logged rewards: per-pair values summed over a logging window, averaged when logged."""
+
+    def __init__(self) -> None:
+        self.sums = {name: [0.0, 0] for name in METRICS}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, values in metrics.items():
+            self.sums[name][0] += float(values.sum())
+            self.sums[name][1] += values.numel()
+
+    def pop(self) -> dict[str, float]:
+        """The window's means (none before any pair), and a fresh window."""
+        means = {name: total / count for name, (total, count) in self.sums.items() if count}
+        self.sums = {name: [0.0, 0] for name in METRICS}
+        return means
+
+
 def adapter_disabled(llm: nn.Module):
     """The reference LLM: `llm` with its LoRA adapter off (a no-op for an LLM without one)."""
     disable = getattr(llm, "disable_adapter", None)

@@ -36,7 +36,7 @@ from runtime.engines import (
     gathered_trainable_state,
     zero_stage,
 )
-from runtime.preference import METRICS, PreferenceObjective
+from runtime.preference import PreferenceObjective, RewardMeans
 from runtime.reporting import ThroughputCallback
 from runtime.resume import (
     OPTIMIZER_FILE,
@@ -68,7 +68,7 @@ class VLMTrainer(Trainer):
             self.preference = PreferenceObjective(
                 self.model, beta=t.dpo_beta, loss_type=t.dpo_loss, rpo_alpha=t.rpo_alpha
             )
-        self._preference_sums = {name: [0.0, 0] for name in METRICS}
+        self.rewards = RewardMeans()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The LM loss (the model's own), or with `dpo` the preference loss of the pairs."""
@@ -76,11 +76,10 @@ class VLMTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         vlm = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         loss, metrics = self.preference(model, vlm, inputs)
-        if model.training:
-            for name, values in metrics.items():
-                values = self.accelerator.gather_for_metrics(values)  # every process's pairs
-                self._preference_sums[name][0] += float(values.sum())
-                self._preference_sums[name][1] += values.numel()
+        if model.training:  # every process's pairs
+            self.rewards.add(
+                {k: self.accelerator.gather_for_metrics(v) for k, v in metrics.items()}
+            )
         return (loss, None) if return_outputs else loss
 
     def get_batch_samples(self, *args, **kwargs):
@@ -142,10 +141,7 @@ class VLMTrainer(Trainer):
             if PROJECTOR_GROUP in rates:
                 logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
             logs.update(self.throughput.measure(self.state.num_input_tokens_seen))
-            for name, (total, count) in self._preference_sums.items():
-                if count:
-                    logs[name] = total / count
-                self._preference_sums[name] = [0.0, 0]
+            logs.update(self.rewards.pop())
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
