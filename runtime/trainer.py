@@ -80,7 +80,7 @@ class VLMTrainer(Trainer):
             self.rewards.add(
                 {k: self.accelerator.gather_for_metrics(v) for k, v in metrics.items()}
             )
-        return (loss, None) if return_outputs else loss
+        return (loss, metrics) if return_outputs else loss  # evaluation reads a dict
 
     def get_batch_samples(self, *args, **kwargs):
         """The Trainer's batch fetch, timed: the time blocked on the data loader is logged."""

@@ -234,11 +234,14 @@ def test_train_py_dpo_starts_at_log_2_and_logs_the_rewards(
     flags = train_flags(
         tiny_qwen_dir, tiny_clip_dir, pairs, shapes_dir, tmp_path / "out",
         training_objective="dpo", max_steps=4, per_device_train_batch_size=2,
+        eval_data_path=pairs, save_steps=4,
         learning_rate=1e-2, lr_scheduler_type="constant", lora_rank=4, lora_dropout=0.0,
     )  # fmt: skip
     trainer = train.main(flags)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4
+    [evaluation] = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert evaluation["step"] == 4 and evaluation["eval_loss"] < logs[0]["loss"]
     # The policy starts as the reference (LoRA B is zero, the projector copy is the projector)
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
