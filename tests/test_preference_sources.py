@@ -150,3 +150,34 @@ def test_a_build_may_not_mix_preference_and_training_sources(tmp_path: Path) -> 
     (tmp_path / "b.json").write_text("[]")
     with pytest.raises(ConfigError, match="mixes preference sources"):
         load_config(config)
+
+
+def test_a_build_of_preference_sources_writes_preference_records(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dataprocess.__main__ import main
+    from dataprocess.reading import iter_raw_records
+    from dataprocess.schema import parse_record
+
+    (tmp_path / "img").mkdir()
+    for name in ("1.jpg", "5.jpg"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "img" / name)
+    _write(tmp_path / "rlaif.jsonl", [{"idx": "1", "image": "1.jpg", "question": "Q?",
+                                       "chosen": "A red square.", "rejected": "A cat."}], jsonl=True)  # fmt: skip
+    _write(tmp_path / "rlhf.json", [{"id": "r1", "image": "5.jpg", "preference": 1,
+                                     "conversations": [{"from": "human", "value": "<image>\nWhat?"}],
+                                     "output_1": {"value": "Red."}, "output_2": {"value": "Blue."}}])  # fmt: skip
+    config = tmp_path / "build.yaml"
+    config.write_text(
+        "image_root: img\noutput: out/pairs.json\nsources:\n"
+        "  - {name: rlaifv, format: rlaif_v, path: rlaif.jsonl}\n"
+        "  - {name: rlhf, format: llava_rlhf, path: rlhf.json}\n",
+        encoding="utf-8",
+    )
+    assert main(["build", "--config", str(config)]) == 0
+    records = {r.id: r for _, raw in iter_raw_records(tmp_path / "out" / "pairs.json")
+               for r in [parse_record(raw)]}  # fmt: skip
+    assert (
+        records["rlaifv_1"].chosen == "A red square." and records["rlaifv_1"].rejected == "A cat."
+    )
+    assert records["rlhf_r1"].images == ("5.jpg",) and records["rlhf_r1"].chosen == "Red."
