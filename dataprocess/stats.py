@@ -103,16 +103,21 @@ def record_length(
     image_token_id: int = 0,
     blocks: Any = None,
 ) -> int:
-    """Tokens of ``record`` as training renders it (``dataset.conversation``), images included.
+    """Tokens of ``record`` as training renders it (``dataset.conversation``), images included;
+    a preference record's longer row (its prompt and the longer of its two answers).
 
     The placeholder id does not change a length; pass the real one for clarity if you have it.
     """
     from dataset.conversation import encode_conversation  # imports torch
 
+    roles, contents = [t.role for t in record.turns], [t.content for t in record.turns]
+    if record.is_preference:
+        roles.append("assistant")
+        contents.append(max(record.chosen, record.rejected, key=len))
     encoded = encode_conversation(
         tokenizer,
-        [t.role for t in record.turns],
-        [t.content for t in record.turns],
+        roles,
+        contents,
         image_token_id=image_token_id,
         num_image_tokens=num_image_tokens,
         system_prompt=system,

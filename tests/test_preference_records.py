@@ -125,3 +125,14 @@ def test_load_records_skips_and_counts_bad_pairs(tmp_path: Path) -> None:
     assert tally.counts["read"] == 3 and tally.num_invalid == 2
     with pytest.raises(ValueError, match="preference_record"):
         load_records(path, image_folder=tmp_path, cache_dir=cache, skip_invalid=True)
+
+
+def test_stats_measure_a_pair_by_its_longer_row(tokenizer) -> None:
+    from dataprocess.stats import record_length
+
+    pair = parse_record(_pair(chosen="No.", rejected="Yes, there is a small red circle."))
+    sft = {key: value for key, value in _pair().items() if key not in ("chosen", "rejected")}
+    longer = {"from": "gpt", "value": "Yes, there is a small red circle."}
+    as_sft = parse_record({**sft, "conversations": [*sft["conversations"], longer]})
+    length = record_length(pair, tokenizer, num_image_tokens=4, system="s")
+    assert length == record_length(as_sft, tokenizer, num_image_tokens=4, system="s")
