@@ -152,9 +152,8 @@ class PreferenceObjective:
         if self.rpo_alpha is not None:
             chosen_log_probs, _ = policy.log_probs.chunk(2)
             chosen_counts, _ = policy.counts.chunk(2)
-            loss = loss + self.rpo_alpha * -chosen_log_probs.sum() / chosen_counts.sum().clamp(
-                min=1
-            )
+            chosen_nll = -chosen_log_probs.sum() / chosen_counts.sum().clamp(min=1)  # per token
+            loss = loss + self.rpo_alpha * chosen_nll
         metrics = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
