@@ -36,7 +36,17 @@ def build_model(config):
     from model.trainable import configure_trainable
 
     set_seed(config.training.seed)
-    vlm, tokenizer = build_vlm(config.language_model, config.vision, config.projector)
+    if config.training.init_from is not None:
+        from model.lineage import load_merged
+
+        vlm, tokenizer, _ = load_merged(
+            config.training.init_from, dtype=config.language_model.dtype
+        )
+        vlm.train()
+        set_seed(config.training.seed)  # the fresh LoRA's weights do not depend on the load
+        logger.info("started from %s (its LoRA merged)", config.training.init_from)
+    else:
+        vlm, tokenizer = build_vlm(config.language_model, config.vision, config.projector)
     if config.training.lm_loss_chunk_size is not None:  # read by qwen/loss.py, for every LLM
         vlm.llm.config.lm_loss_chunk_size = config.training.lm_loss_chunk_size
     if config.projector.projector_path:
@@ -53,11 +63,14 @@ def build_model(config):
 
 def run_description(vlm, config) -> dict:
     """What every checkpoint of this run says it is (model/checkpoint.py's `vlm_config.json`)."""
-    from model.checkpoint import describe
+    from model.checkpoint import INIT_FROM, describe
+    from model.lineage import parent_record
     from runtime.resume import TRAINING_DATA, data_identity
 
     network = (config.language_model, config.vision, config.projector)
     description = describe(vlm, *network, system_prompt=config.data.system_prompt)
+    if config.training.init_from is not None:  # loading rebuilds it first (model/lineage.py)
+        description[INIT_FROM] = parent_record(config.training.init_from)
     return {**description, TRAINING_DATA: data_identity(config.data)}
 
 
@@ -113,7 +126,8 @@ def run(config, resume: str | None, rank: int = 0):
     if rank == 0:  # a run that dies early still says what it was
         save_config(config, out / TRAIN_CONFIG)
         save_description(description, out)
-    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer)
+    objective = config.training.training_objective
+    train_data, eval_data, collator = build_datasets(config.data, vlm, tokenizer, objective)
     dtype = resolve_dtype(config.language_model.dtype)
     trainer = VLMTrainer(
         model=vlm,

@@ -14,7 +14,9 @@ import yaml
 
 from dataprocess.boxes import BOX_FORMATS
 
-FORMATS = ("llava", "qwen_vl", "aic_captions", "coco_captions", "sharegpt")
+# Preference sets (dataprocess/sources/preference.py): they give preference records, for DPO
+PREFERENCE_FORMATS = ("rlaif_v", "vlfeedback", "llava_rlhf")
+FORMATS = ("llava", "qwen_vl", "aic_captions", "coco_captions", "sharegpt", *PREFERENCE_FORMATS)
 SAMPLE_MODES = ("all", "first", "random")
 BOX_SOURCES = ("llava", "qwen_vl")  # the formats whose text holds boxes
 DEFAULT_PROMPTS = {
@@ -162,6 +164,11 @@ def load_config(path: str | Path) -> BuildConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{path}: source names must be unique (they prefix ids): {duplicates}")
+    if len({s.format in PREFERENCE_FORMATS for s in sources}) > 1:
+        raise ConfigError(
+            f"{path}: mixes preference sources ({', '.join(PREFERENCE_FORMATS)}) with training "
+            "sources; SFT and DPO read separate files, so build them separately"
+        )
     if not isinstance(raw.get("seed", 0), int):
         raise ConfigError(f"{path}: 'seed' must be an integer")
     return BuildConfig(

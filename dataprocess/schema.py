@@ -4,6 +4,10 @@ A record is an id, the images it shows (paths relative to an image folder) and i
 optional leading system turn, then user/assistant alternating, ending with an assistant turn.
 Every ``<image>`` marker sits in a user turn, one per image, in order.
 
+A preference record (for DPO) has the same keys plus ``chosen`` and ``rejected``, two answer
+strings to the prompt; its ``conversations`` end with the user turn they answer (earlier turns
+are history). The two answers must be non-empty, differ, and hold no ``<image>``.
+
 ``parse_record`` turns a raw LLaVA dict into a :class:`Record` and raises :class:`RecordError`
 for every schema fault. It never drops or edits a turn: cleaning (dropping a leading assistant
 turn of raw ShareGPT data, for example) is a converter's job, where it can be logged.
@@ -45,6 +49,13 @@ class Record:
     images: tuple[str, ...]
     turns: tuple[Turn, ...]
     source: str = ""
+    # A preference record's two answers to its last (user) turn; None for a training record
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @property
+    def is_preference(self) -> bool:
+        return self.chosen is not None
 
 
 class RecordError(ValueError):
@@ -142,12 +153,29 @@ def _parse_turns(raw: dict, err: Any) -> list[Turn]:
     return turns
 
 
-def _check_order(turns: list[Turn], err: Any) -> None:
+def _check_order(turns: list[Turn], err: Any, preference: bool = False) -> None:
     body = turns[1:] if turns[0].role == "system" else turns
     if any(t.role == "system" for t in body):
         raise err("a system turn may only come first (one per record)", "not_alternating")
+    if preference:
+        if not body:
+            raise err("'conversations' holds no user turn", "no_user_turn")
+        _check_alternating(body, err)
+        if body[-1].role != "user":
+            raise err(
+                "the prompt ends with an assistant turn; a preference record's conversations "
+                "must end with the user turn that 'chosen' and 'rejected' answer",
+                "trailing_assistant_turn",
+            )
+        return
     if not any(t.role == "assistant" for t in body):
         raise err("the record has no assistant turn", "no_assistant_turn")
+    _check_alternating(body, err)
+    if body[-1].role != "assistant":
+        raise err("the last turn is from user; it must be an assistant turn", "trailing_user_turn")
+
+
+def _check_alternating(body: list[Turn], err: Any) -> None:
     for position, turn in enumerate(body):
         expected = "user" if position % 2 == 0 else "assistant"
         if turn.role != expected:
@@ -156,8 +184,30 @@ def _check_order(turns: list[Turn], err: Any) -> None:
                 "(turns must start with user and alternate)",
                 "not_alternating",
             )
-    if body[-1].role != "assistant":
-        raise err("the last turn is from user; it must be an assistant turn", "trailing_user_turn")
+
+
+def _parse_answers(raw: dict, err: Any) -> tuple[str, str] | tuple[None, None]:
+    """A preference record's (chosen, rejected), or (None, None) for a training record."""
+    if "chosen" not in raw and "rejected" not in raw:
+        return None, None
+    answers = []
+    for key in ("chosen", "rejected"):
+        if key not in raw:
+            raise err(
+                f"a preference record needs both 'chosen' and 'rejected'; no {key!r}",
+                "missing_field",
+            )
+        value = raw[key]
+        if not isinstance(value, str):
+            raise err(f"{key!r} is {type(value).__name__}, not a string", "bad_type")
+        if not value.strip():
+            raise err(f"{key!r} is empty", "empty_answer")
+        if IMAGE_MARKER in value:
+            raise err(f"{key!r} contains {IMAGE_MARKER}", "image_marker_in_answer")
+        answers.append(value)
+    if answers[0].strip() == answers[1].strip():
+        raise err("'chosen' and 'rejected' are the same answer", "identical_answers")
+    return answers[0], answers[1]
 
 
 def _check_markers(turns: list[Turn], images: tuple[str, ...], err: Any) -> None:
@@ -187,9 +237,10 @@ def parse_record(raw: dict, *, source: str = "", index: int | None = None) -> Re
     record_id = _parse_id(raw, err)  # err reads it, so every later error names the id
     images = _parse_images(raw, err)
     turns = _parse_turns(raw, err)
-    _check_order(turns, err)
+    chosen, rejected = _parse_answers(raw, err)
+    _check_order(turns, err, preference=chosen is not None)
     _check_markers(turns, images, err)
-    return Record(id=record_id, images=images, turns=tuple(turns), source=str(source))
+    return Record(record_id, images, tuple(turns), str(source), chosen, rejected)
 
 
 def record_to_json(record: Record) -> dict:
@@ -202,6 +253,8 @@ def record_to_json(record: Record) -> dict:
     out["conversations"] = [
         {"from": _ROLE_TO_LLAVA[turn.role], "value": turn.content} for turn in record.turns
     ]
+    if record.is_preference:
+        out["chosen"], out["rejected"] = record.chosen, record.rejected
     return out
 
 

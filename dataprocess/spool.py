@@ -23,13 +23,14 @@ _DECODER = json.JSONDecoder()
 def _encode(record: Record) -> bytes:
     # The id comes first, so read_id can stop after it; JSON escapes newlines, one record a line.
     turns = [[turn.role, turn.content] for turn in record.turns]
-    data = [record.id, list(record.images), turns, record.source]
+    data = [record.id, list(record.images), turns, record.source, record.chosen, record.rejected]
     return json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def _decode(line: bytes) -> Record:
-    record_id, images, turns, source = json.loads(line)
-    return Record(record_id, tuple(images), tuple(Turn(r, c) for r, c in turns), source)
+    record_id, images, turns, source, chosen, rejected = json.loads(line)
+    turns = tuple(Turn(r, c) for r, c in turns)
+    return Record(record_id, tuple(images), turns, source, chosen, rejected)
 
 
 class RecordSpool:

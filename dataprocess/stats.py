@@ -121,7 +121,8 @@ def record_length(
     blocks: Any = None,
     image_sizes: list[tuple[int, int]] | None = None,
 ) -> int:
-    """Tokens of ``record`` as training renders it (``dataset.processor``), images included.
+    """Tokens of ``record`` as training renders it (``dataset.processor``), images included;
+    a preference record's longer row (its prompt and the longer of its two answers).
 
     ``image_processor`` is a ``visual.processing.ImageProcessor`` (an int N is a fixed grid of
     N); ``image_sizes`` ((height, width) per image) are needed when its count depends on them.
@@ -133,6 +134,9 @@ def record_length(
         image_processor = count_only(image_processor)
     processor = VLMProcessor(tokenizer, image_token_id, image_processor, system_prompt=system)
     roles, contents = [t.role for t in record.turns], [t.content for t in record.turns]
+    if record.is_preference:
+        roles.append("assistant")
+        contents.append(max(record.chosen, record.rejected, key=len))
     return len(processor.encode(roles, contents, image_sizes, blocks=blocks).input_ids)
 
 

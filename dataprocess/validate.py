@@ -4,6 +4,8 @@ A record is valid when
 - it fits the schema (:func:`dataprocess.schema.parse_record`: roles, turns, ``<image>`` counts);
 - its id did not occur earlier in the same stream;
 - its text holds no Qwen special token and every ``<box>`` is ``(x1,y1),(x2,y2)`` in [0, 1000);
+- it is of the kind the caller asks for: a training record (SFT) or a preference record (DPO,
+  with ``chosen`` and ``rejected``), or either when the caller does not say;
 - every image path stays inside the image folder (no absolute path, no ``..`` escape; see
   :func:`dataprocess.schema.confined_image_path`) unless that is allowed, and, when images are
   checked, the file exists and decodes fully, so a truncated image fails here and not mid-epoch.
@@ -133,17 +135,18 @@ def check_images(
 
 def text_problems(record: Record) -> list[tuple[str, str]]:
     """(kind, problem) for boxes out of range or malformed and for Qwen special tokens."""
+    texts = [(f"turn {position}", turn.content) for position, turn in enumerate(record.turns)]
+    if record.is_preference:
+        texts += [("'chosen'", record.chosen), ("'rejected'", record.rejected)]
     problems: list[tuple[str, str]] = []
-    for position, turn in enumerate(record.turns):
+    for where, text in texts:
         for token in SPECIAL_TOKENS:
-            if token in turn.content:
-                problems.append(("special_token", f"turn {position} contains {token!r}"))
-        for body in BOX_RE.findall(turn.content):
+            if token in text:
+                problems.append(("special_token", f"{where} contains {token!r}"))
+        for body in BOX_RE.findall(text):
             match = BOX_BODY_RE.match(body)
             if not match:
-                problems.append(
-                    ("bad_box", f"turn {position}: box {body!r} is not (x1,y1),(x2,y2)")
-                )
+                problems.append(("bad_box", f"{where}: box {body!r} is not (x1,y1),(x2,y2)"))
                 continue
             x1, y1, x2, y2 = (int(v) for v in match.groups())
             in_range = all(0 <= v < BOX_SCALE for v in (x1, y1, x2, y2))
@@ -151,10 +154,25 @@ def text_problems(record: Record) -> list[tuple[str, str]]:
                 problems.append(
                     (
                         "box_out_of_range",
-                        f"turn {position}: box {body!r} needs 0<=x1<x2<1000, 0<=y1<y2<1000",
+                        f"{where}: box {body!r} needs 0<=x1<x2<1000, 0<=y1<y2<1000",
                     )
                 )
     return problems
+
+
+def kind_problem(record: Record, preference: bool | None) -> tuple[str, str] | None:
+    """(kind, problem) when ``record`` is not of the kind a caller asked for (None: either)."""
+    if preference is None or record.is_preference == preference:
+        return None
+    if preference:
+        return (
+            "not_a_preference_record",
+            "a training record (no 'chosen'/'rejected'); DPO needs preference records",
+        )
+    return (
+        "preference_record",
+        "a preference record ('chosen'/'rejected'); train it with --training_objective dpo",
+    )
 
 
 class RecordValidator:
@@ -162,6 +180,7 @@ class RecordValidator:
 
     Without ``image_folder`` (or with ``check_images`` False) no file is opened, but image paths
     are still confined: an absolute or ``..`` path is invalid unless ``allow_outside``.
+    ``preference`` True accepts preference records only, False training records only, None both.
     """
 
     def __init__(
@@ -171,7 +190,9 @@ class RecordValidator:
         check_images: bool = True,
         allow_outside: bool = False,
         workers: int = 8,
+        preference: bool | None = None,
     ) -> None:
+        self.preference = preference
         self.root = Path(image_folder) if image_folder is not None else Path(".")
         self.decode = check_images and image_folder is not None
         self.allow_outside = allow_outside
@@ -203,6 +224,9 @@ class RecordValidator:
 
     def _check(self, record: Record, tally: Tally) -> Record | None:
         problems = text_problems(record)
+        wrong_kind = kind_problem(record, self.preference)
+        if wrong_kind is not None:
+            problems.append(wrong_kind)
         if record.id in self._seen_ids:
             problems.append(("duplicate_id", "the id occurs earlier in the data"))
         self._seen_ids.add(record.id)

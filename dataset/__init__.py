@@ -11,4 +11,6 @@ Modules (import them directly; nothing heavy is imported with the package):
 - `dataset.supervised`: `SupervisedDataset`, one tokenized sample -> tensors.
 - `dataset.collator`: `SupervisedCollator(pad_token_id)`.
 - `dataset.build`: `build_supervised_dataset(...)`, all of the above in one call.
+- `dataset.preference`: preference pairs (DPO): `tokenize_pairs`, `PreferenceDataset`,
+  `PreferenceCollator` (chosen rows, then rejected rows), `build_preference_dataset(...)`.
 """

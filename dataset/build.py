@@ -57,7 +57,10 @@ def build_supervised_dataset(
     sizes_of = None
     if read_image_size is not None and image_folder is not None:
         sizes_of = functools.partial(
-            _image_sizes, read_image_size, Path(image_folder), allow_outside_image_folder
+            image_sizes_from_headers,
+            read_image_size,
+            Path(image_folder),
+            allow_outside_image_folder,
         )
     samples, stats = tokenize_records(
         records,
@@ -83,7 +86,7 @@ def build_supervised_dataset(
     )
 
 
-def _image_sizes(
+def image_sizes_from_headers(
     read_image_size: Callable[[Path], tuple[int, int]],
     image_folder: Path,
     allow_outside: bool,

@@ -200,15 +200,17 @@ def encode_prompt(
     image_token_id: int,
     num_image_tokens: int | Sequence[int],
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    blocks: ChatBlocks | None = None,
 ) -> list[int]:
     """The generation prompt for turns ending with a user turn: the training layout up to and
-    including "<|im_start|>assistant\\n", so inference sees exactly what training saw."""
+    including "<|im_start|>assistant\\n", so inference sees exactly what training saw (and what a
+    preference pair's answers follow). `blocks` as in `encode_conversation`."""
     if not roles or roles[-1] != "user":
         raise ValueError(f"a prompt must end with a user turn, got roles {list(roles)}")
     # Render the history plus an empty assistant turn, then drop that turn's <|im_end|>: one
     # layout, one code path, and every earlier turn kept (the prompt for turn k is the training
     # rendering of turns 1..k-1, user turn k and the assistant header).
-    blocks = ChatBlocks.build(tokenizer)
+    blocks = blocks or ChatBlocks.build(tokenizer)
     encoded = encode_conversation(
         tokenizer,
         [*roles, "assistant"],

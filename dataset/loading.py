@@ -11,7 +11,9 @@ The good records stream into an Arrow file in a cache directory keyed by the fil
 and mtime (plus the image folder and the checks), read back with `Dataset.from_file`:
 memory-mapped, so DataLoader workers share the OS page cache instead of each holding a copy of
 a 665K-record list. The report is cached next to it, so a second load neither re-parses the
-file nor re-decodes the images. Columns: id, images (paths as validated), roles, contents.
+file nor re-decodes the images. Columns: id, images (paths as validated), roles, contents, and
+chosen / rejected (null for training records). `preference` asks for one kind of record: a record
+of the other kind is invalid, named like any other fault.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataprocess.validate import RecordValidator, iter_valid_records
 logger = logging.getLogger(__name__)
 
 # Bump when the cached columns or the checks change, so stale caches are rebuilt.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _WRITE_BATCH = 10_000
 
 RECORD_FEATURES = datasets.Features(
@@ -41,6 +43,8 @@ RECORD_FEATURES = datasets.Features(
         "images": datasets.List(datasets.Value("string")),
         "roles": datasets.List(datasets.Value("string")),
         "contents": datasets.List(datasets.Value("string")),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
     }
 )
 
@@ -51,6 +55,8 @@ def _columns(records: list[Record]) -> dict[str, list]:
         "images": [list(r.images) for r in records],
         "roles": [[t.role for t in r.turns] for r in records],
         "contents": [[t.content for t in r.turns] for r in records],
+        "chosen": [r.chosen for r in records],
+        "rejected": [r.rejected for r in records],
     }
 
 
@@ -76,12 +82,18 @@ def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "vlm_records"
 
 
-def records_cache_key(path: Path, image_folder: Path | None, allow_outside: bool = False) -> str:
+def records_cache_key(
+    path: Path,
+    image_folder: Path | None,
+    allow_outside: bool = False,
+    preference: bool | None = False,
+) -> str:
     """Hash of everything the cached records depend on (file identity, not its contents)."""
     stat = path.stat()
     parts = [str(CACHE_VERSION), str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
     parts.append(str(image_folder.resolve()) if image_folder is not None else "-")
     parts.append(f"allow_outside={allow_outside}")
+    parts.append(f"preference={preference}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -131,6 +143,7 @@ def load_records(
     allow_outside_image_folder: bool = False,
     cache_dir: str | os.PathLike | None = None,
     workers: int = 8,
+    preference: bool | None = False,
 ) -> tuple[datasets.Dataset, Tally]:
     """Validate a chat.json / .jsonl file and return its good records as a memory-mapped Dataset.
 
@@ -139,7 +152,8 @@ def load_records(
     file-level faults (unreadable, a JSON list that does not parse, not a list, empty) raise
     `RecordError` naming the file. Images are opened only when `image_folder` is given and
     `check_images` is True; their paths are confined to the folder either way unless
-    `allow_outside_image_folder`. The cache is keyed by the file's path, size and mtime: touch
+    `allow_outside_image_folder`. `preference` False (SFT) accepts training records only, True
+    (DPO) preference records only, None both. The cache is keyed by the file's path, size and mtime: touch
     the file (or delete the cache) after replacing images.
     """
     path = Path(path)
@@ -153,8 +167,9 @@ def load_records(
         check_images=check_images,
         allow_outside=allow_outside_image_folder,
         workers=workers,
+        preference=preference,
     )
-    key = records_cache_key(path, folder, allow_outside_image_folder)
+    key = records_cache_key(path, folder, allow_outside_image_folder, preference)
     entry = Path(cache_dir or default_cache_dir()) / f"records-{key}"
     tally = _cached_validation(path, validator, entry)
     _check_report(tally, path, skip_invalid)

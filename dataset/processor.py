@@ -92,8 +92,11 @@ class VLMProcessor:
         contents: Sequence[str],
         image_sizes: ImageSizes | None = None,
         system_prompt: str | None = None,
+        *,
+        blocks: ChatBlocks | None = None,
     ) -> list[int]:
-        """The generation prompt of a conversation ending with a user turn (`encode_prompt`)."""
+        """The generation prompt of a conversation ending with a user turn (`encode_prompt`);
+        also the prompt a preference pair's answers follow."""
         return encode_prompt(
             self.tokenizer,
             roles,
@@ -101,6 +104,7 @@ class VLMProcessor:
             image_token_id=self.image_token_id,
             num_image_tokens=self._counts(image_sizes),
             system_prompt=system_prompt or self.system_prompt,
+            blocks=blocks,
         )
 
     def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:

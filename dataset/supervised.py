@@ -39,6 +39,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     in errors.
     """
 
+    ids_column = "input_ids"  # the column whose placeholders the images must fill
+
     def __init__(
         self,
         samples: datasets.Dataset,
@@ -115,12 +117,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """The decoded images must give the placeholder count the row was tokenized with (a file
         changed since, or a header that lied about the size, would misalign the splice)."""
         expected = sum(self.processor.image_token_counts(image_sizes))
-        found = row["input_ids"].count(self.processor.image_token_id)
+        found = row[self.ids_column].count(self.processor.image_token_id)
         if expected != found:
             raise ValueError(
                 f"record {row['id']!r} of {self.source}: its images now give {expected} image "
                 f"tokens, the tokenized sample holds {found}; were the image files changed?"
             )
+
+    def _image_inputs_or_cached(self, row: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        """A row's `pixel_values` + `image_sizes`, or its cached `vision_features`."""
+        if self.feature_cache is None:
+            return self._image_inputs(row)
+        if row["images"]:
+            return {"vision_features": self.feature_cache.features(row["images"])}  # [n, N, Dv]
+        return {"vision_features": None}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.samples[index]
@@ -128,10 +138,4 @@ class SupervisedDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),  # [L]
             "labels": torch.tensor(row["labels"], dtype=torch.long),  # [L]
         }
-        if self.feature_cache is None:
-            sample.update(self._image_inputs(row))
-        elif row["images"]:
-            sample["vision_features"] = self.feature_cache.features(row["images"])  # [n_img, N, Dv]
-        else:
-            sample["vision_features"] = None
-        return sample
+        return {**sample, **self._image_inputs_or_cached(row)}

@@ -9,6 +9,10 @@ A checkpoint directory holds
   `save_pretrained` directory in the original checkpoint layout) when the LLM trained fully or
   the adapter was merged;
 - the tokenizer files and, for training runs, `train_config.yaml`.
+A run started from a trained model (`train.py --init_from DIR`) trains a fresh LoRA on that
+model with its own LoRA merged, which exists only in memory: its `vlm_config.json` records the
+parent (`init_from`: path and content fingerprint) and loading rebuilds the parent, merges it,
+then applies the child's weights; a parent changed since is refused.
 Frozen weights (vision tower, base LLM) are never copied. A damaged file, a shape that does not fit
 the rebuilt model, or base weights other than the ones trained on raise `CheckpointError` naming
 the file.
@@ -48,6 +52,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 LLM_DIR = "language_model"
 FORMAT = "qwen-vlm-checkpoint/1"
+INIT_FROM = "init_from"  # vlm_config.json: the trained model this one was trained on top of
 
 
 def _resolved(path: str | None) -> str | None:
@@ -257,27 +262,23 @@ def load_vlm(
     """
     checkpoint = Path(checkpoint)
     description = read_description(checkpoint)
-    language = LanguageModelConfig(**description["language_model"])
-    language.dtype, language.bits = dtype, bits
-    weights = description["weights"]
-    own_llm = LLM_DIR in weights
-    if ADAPTER_DIR in weights and not allow_other_base:
-        check_not_merged_base(language_model, checkpoint)
-    llm_path = str(checkpoint / LLM_DIR) if own_llm else language_model
-    llm, tokenizer = load_language_model(language, path=llm_path)
-    vision_config = VisionConfig(**description["vision"])
-    vision = load_vision(vision_config, resolve_dtype(dtype), path=vision_model)
-    projector_config = ProjectorConfig(**description["projector"])
-    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
-    if vlm.image_token_id != description["image_token_id"]:
-        raise CheckpointError(
-            f"{checkpoint}: trained with image_token_id {description['image_token_id']}, "
-            f"but the language model's tokenizer gives {vlm.image_token_id}"
+    own_llm = LLM_DIR in description["weights"]
+    overrides = {"language_model": language_model, "vision_model": vision_model}
+    if INIT_FROM in description and not own_llm:
+        from model.lineage import load_parent  # it loads through this module
+
+        vlm, tokenizer = load_parent(
+            checkpoint, description, dtype, bits, allow_other_base, overrides
         )
+    else:
+        vlm, tokenizer = _load_base(
+            checkpoint, description, dtype, bits, allow_other_base, overrides
+        )
+    weights = description["weights"]
     check_base(description, vlm, llm=not own_llm, allow_other=allow_other_base)
     load_projector_weights(vlm, checkpoint)
     if ADAPTER_DIR in weights:
-        vlm.llm = load_adapter(llm, checkpoint / ADAPTER_DIR)
+        vlm.llm = load_adapter(vlm.llm, checkpoint / ADAPTER_DIR)
     if vlm.num_image_tokens != description["num_image_tokens"]:
         raise CheckpointError(
             f"{checkpoint}: trained with {description['num_image_tokens']} tokens per image, "
@@ -285,3 +286,24 @@ def load_vlm(
         )
     vlm.eval()
     return vlm, tokenizer, description
+
+
+def _load_base(checkpoint: Path, description: dict, dtype, bits, allow_other_base, overrides):
+    """(vlm, tokenizer) of the bases `description` names (or the checkpoint's own full LLM)."""
+    language = LanguageModelConfig(**description["language_model"])
+    language.dtype, language.bits = dtype, bits
+    own_llm = LLM_DIR in description["weights"]
+    if ADAPTER_DIR in description["weights"] and not allow_other_base:
+        check_not_merged_base(overrides["language_model"], checkpoint)
+    llm_path = str(checkpoint / LLM_DIR) if own_llm else overrides["language_model"]
+    llm, tokenizer = load_language_model(language, path=llm_path)
+    vision_config = VisionConfig(**description["vision"])
+    vision = load_vision(vision_config, resolve_dtype(dtype), path=overrides["vision_model"])
+    projector_config = ProjectorConfig(**description["projector"])
+    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
+    if vlm.image_token_id != description["image_token_id"]:
+        raise CheckpointError(
+            f"{checkpoint}: trained with image_token_id {description['image_token_id']}, "
+            f"but the language model's tokenizer gives {vlm.image_token_id}"
+        )
+    return vlm, tokenizer

@@ -8,12 +8,15 @@ very same loss (qwen/loss.py) applied to its decoder's hidden states.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from qwen import splice_image_features
-from qwen.loss import loss_chunk_size, supervised_cross_entropy
+from qwen.loss import loss_chunk_size, sequence_log_probs, supervised_cross_entropy
 from visual.processing import FixedGridProcessor, ImageProcessor
 
 # Config fields of LLMs whose logits are not plain `lm_head(hidden)` (Gemma 2's soft-capping,
@@ -24,6 +27,15 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # (relative; bf16 rounding stays well inside it, a logit transform does not).
 PROBE_TOKENS = 8
 PROBE_RTOL = 1e-2
+
+
+@dataclass
+class AnswerLogProbs(ModelOutput):
+    """`forward(..., answer_log_probs=True)`: log pi(answer | prompt) per row, fp32 `[B]`, summed
+    over the row's supervised tokens, and how many there are `[B]`."""
+
+    log_probs: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
 
 def _transforms_logits(llm: nn.Module) -> bool:
@@ -87,16 +99,20 @@ class VisionLanguageModel(nn.Module):
         vision_features = self.vision(pixel_values)  # [n_img, N, Dv], no grad
         return self.project_features(vision_features)  # [n_img, N', Dl]
 
-    def project_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """Tower output (live, or read from a feature cache) `[n_img, N, Dv]` -> `[n_img, N', Dl]`."""
+    def project_features(
+        self, vision_features: torch.Tensor, projector: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Tower output (live, or read from a feature cache) `[n_img, N, Dv]` -> `[n_img, N', Dl]`,
+        through `self.projector` or another of its shape (DPO's frozen reference copy)."""
+        projector = self.projector if projector is None else projector
         expected = (self.vision.num_image_tokens, self.vision.hidden_size)
         if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
             raise ValueError(
                 f"vision_features must have shape [n_img, {expected[0]}, {expected[1]}] for this "
                 f"vision tower, got {tuple(vision_features.shape)}"
             )
-        weight = next(self.projector.parameters())
-        image_features = self.projector(vision_features.to(weight.dtype))  # [n_img, N', Dl]
+        weight = next(projector.parameters())
+        image_features = projector(vision_features.to(weight.dtype))  # [n_img, N', Dl]
         return image_features.to(self.llm.get_input_embeddings().weight.dtype)
 
     def _llm_inputs(
@@ -106,11 +122,16 @@ class VisionLanguageModel(nn.Module):
         vision_features: torch.Tensor | None = None,
         probe: bool = False,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> dict:
-        if pixel_values is not None and vision_features is not None:
-            raise ValueError("pass pixel_values or cached vision_features, not both")
-        image_features = None  # projected, flat [total_rows, Dl]
-        if pixel_values is not None:
+        given = [pixel_values is not None, vision_features is not None, image_features is not None]
+        if sum(given) > 1:
+            raise ValueError(
+                "pass one of pixel_values, cached vision_features or projected image_features"
+            )
+        if image_features is not None:  # projected already, [n_img, N', Dl]
+            image_features = self.image_rows(image_features, image_sizes)
+        elif pixel_values is not None:
             image_features = self.image_rows(self.encode_images(pixel_values), image_sizes)
         elif vision_features is not None:
             image_features = self.image_rows(self.project_features(vision_features), image_sizes)
@@ -121,6 +142,10 @@ class VisionLanguageModel(nn.Module):
             # image's features, spliced like real ones: the same modules run in the same order
             # forward and backward on every rank, with zero gradients and the loss unchanged.
             image_features = self._image_path_probe()[:0]  # [0, N', Dl]
+        return self._spliced_inputs(input_ids, image_features)
+
+    def _spliced_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> dict:
+        """The LLM's inputs: ids + features for Qwen-7B's own splice, else spliced embeddings."""
         if self.native_splice:
             return {"input_ids": input_ids, "image_features": image_features}
         inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, Dl]
@@ -138,19 +163,34 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        answer_log_probs: bool = False,
     ):
         """Training / scoring forward. Packed batches (dataset/packing.py) carry `position_ids`
         that restart at every sample and no `attention_mask`; the LLM isolates samples from them.
         Batches read from a feature cache carry `vision_features` (the frozen tower's output,
-        `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs.
+        `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs;
+        `image_features` are projected already (`[n_img, N', Dl]`): both are skipped.
         `image_sizes` `[n_img, 2]` (height, width) travel with the images (`image_rows`).
+
+        With `answer_log_probs` (preference tuning) it returns `AnswerLogProbs`: each row's
+        log-probability of its supervised tokens, summed, and their count, instead of the loss.
         """
         probe = self.training and labels is not None
         inputs = self._llm_inputs(
-            input_ids, pixel_values, vision_features, probe=probe, image_sizes=image_sizes
+            input_ids,
+            pixel_values,
+            vision_features,
+            probe=probe,
+            image_sizes=image_sizes,
+            image_features=image_features,
         )
         if position_ids is not None:
             inputs["position_ids"] = position_ids
+        if answer_log_probs:
+            if labels is None:
+                raise ValueError("answer_log_probs needs labels: they mark the answer tokens")
+            return self._answer_log_probs(inputs, attention_mask, labels)
         if labels is not None and not self.native_splice and not _transforms_logits(self.llm):
             output = self._decoder_loss(inputs, attention_mask, labels)
         else:
@@ -172,6 +212,24 @@ class VisionLanguageModel(nn.Module):
         chunk_size = loss_chunk_size(self.llm.config)
         loss = supervised_cross_entropy(hidden_states, labels, lm_head, chunk_size)
         return CausalLMOutputWithPast(loss=loss)
+
+    def _answer_log_probs(
+        self, inputs: dict, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> AnswerLogProbs:
+        """The decoder path and chunked `lm_head` of the LM loss (qwen/loss.py), for every LLM,
+        summed by row instead of averaged."""
+        if _transforms_logits(self.llm):
+            raise ValueError(
+                f"{type(self.llm).__name__} transforms its logits ({', '.join(LOGIT_TRANSFORMS)}); "
+                "preference tuning computes log-probs from plain lm_head logits and cannot train it"
+            )
+        decoder = self.llm.get_decoder()  # a PeftModel hands this on to the wrapped LLM
+        outputs = decoder(**inputs, attention_mask=attention_mask, use_cache=False)
+        hidden_states = outputs.last_hidden_state  # [B, T, Dl]
+        lm_head = self.llm.get_output_embeddings()
+        chunk_size = loss_chunk_size(self.llm.config)
+        log_probs, counts = sequence_log_probs(hidden_states, labels, lm_head, chunk_size)
+        return AnswerLogProbs(log_probs=log_probs, counts=counts)
 
     @torch.no_grad()
     def check_loss_path(self) -> None:

@@ -9,7 +9,8 @@ supervised tokens would need 18 GB for them alone (and as much again for their g
 supervised logits (tests/test_chunked_loss.py); the price is a second `lm_head` matmul per chunk.
 
 `QWenLMHeadModel` calls it with its `lm_head`; `model/vlm.py` calls it for any other LLM with the
-LLM's output embeddings, so every LLM trains on the same loss.
+LLM's output embeddings, so every LLM trains on the same loss. `sequence_log_probs` sums the same
+chunked per-token terms by row: the log-probability of each answer that preference tuning needs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,37 @@ def loss_chunk_size(config) -> int:
     return size
 
 
+def _supervised_tokens(
+    hidden_states: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states [n, H], next-token targets [n], row of each [n]) of the supervised tokens."""
+    if labels.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the input shape "
+            f"{tuple(hidden_states.shape[:2])} (labels are aligned with input_ids)."
+        )
+    targets = labels[:, 1:].to(hidden_states.device)  # [B, T-1]
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    rows = keep.nonzero()[:, 0]  # [n]
+    return hidden_states[:, :-1][keep], targets[keep], rows  # [n, H], [n], [n]
+
+
+def _token_losses(
+    picked: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_size: int
+) -> torch.Tensor:
+    """Cross-entropy of each picked token `[n]`, one chunk of logits at a time."""
+    return torch.cat(
+        [
+            # Non-reentrant checkpoint: keeps only the chunk's inputs and reruns `_chunk_loss` (so
+            # `lm_head`) in backward, which is where the chunk's logits exist a second time.
+            checkpoint(_chunk_loss, lm_head, hidden, target, [], use_reentrant=False)
+            for hidden, target in zip(
+                picked.split(chunk_size), targets.split(chunk_size), strict=True
+            )
+        ]
+    )
+
+
 def supervised_cross_entropy(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -51,42 +83,50 @@ def supervised_cross_entropy(
     copies and DeepSpeed's parameter hooks all apply. With no supervised token the loss is 0,
     still attached to `lm_head` and `hidden_states` so every DDP rank builds the same graph.
     """
-    if labels.shape != hidden_states.shape[:2]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the input shape "
-            f"{tuple(hidden_states.shape[:2])} (labels are aligned with input_ids)."
-        )
-    targets = labels[:, 1:].to(hidden_states.device)  # [B, T-1]
-    keep = targets != IGNORE_INDEX  # [B, T-1]
-    picked = hidden_states[:, :-1][keep]  # [n, H]
-    targets = targets[keep]  # [n]
+    picked, targets, _ = _supervised_tokens(hidden_states, labels)
     if picked.shape[0] == 0:
         # A zero that still reaches every trainable parameter's graph, so DDP ranks do not wait
         # on each other forever.
         return lm_head(picked).float().sum() + hidden_states.sum() * 0.0
-    total = sum(
-        # Non-reentrant checkpoint: keeps only the chunk's inputs and reruns `_chunk_loss` (so
-        # `lm_head`) in backward, which is where the chunk's logits exist a second time.
-        checkpoint(_chunk_loss, lm_head, hidden, target, [], use_reentrant=False)
-        for hidden, target in zip(picked.split(chunk_size), targets.split(chunk_size), strict=True)
-    )
-    return total / picked.shape[0]
+    return _token_losses(picked, targets, lm_head, chunk_size).sum() / picked.shape[0]
+
+
+def sequence_log_probs(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token log-probability over its supervised tokens, fp32 `[B]`, and
+    how many tokens each row sums `[B]` (the preference losses' log pi(answer | prompt)).
+
+    The same chunks as `supervised_cross_entropy`: memory holds one chunk's logits, whatever the
+    answers' length. A row without supervised tokens sums to 0.
+    """
+    picked, targets, rows = _supervised_tokens(hidden_states, labels)
+    batch = hidden_states.shape[0]
+    counts = torch.bincount(rows, minlength=batch)  # [B]
+    zero = lm_head(picked[:0]).float().sum() + hidden_states.sum() * 0.0  # keeps the graph whole
+    sums = zero.expand(batch).clone()  # [B]
+    if picked.shape[0]:
+        sums = sums.index_add(0, rows, -_token_losses(picked, targets, lm_head, chunk_size))
+    return sums, counts
 
 
 def _chunk_loss(
     lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cache: list
 ) -> torch.Tensor:
-    return _SummedCrossEntropy.apply(lm_head(hidden).float(), targets, cache)  # logits [C, V]
+    return _TokenCrossEntropy.apply(lm_head(hidden).float(), targets, cache)  # logits [C, V]
 
 
-class _SummedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of one chunk's fp32 logits, in at most two `[C, V]` tensors.
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy `[C]` of one chunk's fp32 logits, in at most two `[C, V]` tensors.
 
     `F.cross_entropy` keeps its `log_softmax` `[C, V]` for backward and builds two more there;
     this keeps the logits only (the checkpoint drops them until backward recomputes them) and
-    turns them into their own gradient, `softmax - one_hot`, in place. The checkpoint runs
-    `forward` twice; `cache` carries the first run's log-sum-exp and loss into the second, which
-    then skips the softmax pass.
+    turns them into their own gradient, `softmax - one_hot` (times each token's incoming
+    gradient), in place. The checkpoint runs `forward` twice; `cache` carries the first run's
+    log-sum-exp and losses into the second, which then skips the softmax pass.
     """
 
     @staticmethod
@@ -95,7 +135,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
             log_probs = torch.log_softmax(logits, dim=-1)  # [C, V], freed on return
             target_log_probs = log_probs.gather(1, targets[:, None]).squeeze(1)  # [C]
             target_logits = logits.gather(1, targets[:, None]).squeeze(1)  # [C]
-            cache += [target_logits - target_log_probs, -target_log_probs.sum()]  # lse [C], loss
+            cache += [target_logits - target_log_probs, -target_log_probs]  # lse [C], losses [C]
         ctx.save_for_backward(logits, cache[0], targets)
         return cache[1].clone()
 
@@ -107,4 +147,4 @@ class _SummedCrossEntropy(torch.autograd.Function):
         # retained graph's second backward recomputes them again).
         probs = logits.sub_(lse[:, None]).exp_()  # softmax [C, V]
         probs.scatter_add_(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
-        return probs.mul_(grad), None, None
+        return probs.mul_(grad[:, None]), None, None

@@ -29,6 +29,7 @@ from model.config import (
 )
 from qwen.chat_format import DEFAULT_SYSTEM_PROMPT
 from runtime.engines import check_engines
+from runtime.preference import DPO_LOSSES, TRAINING_OBJECTIVES
 
 REPORT_TO = ("tensorboard", "none")
 
@@ -84,6 +85,18 @@ class TrainingConfig:
     # Supervised tokens per chunk of the LM loss (lm_head + cross-entropy, qwen/loss.py): the loss's
     # memory is one chunk's logits, never the batch's; null = the default there
     lm_loss_chunk_size: int | None = None
+    # "sft" (supervised answers) or "dpo" (preference pairs: records with chosen/rejected; see
+    # runtime/preference.py): one of TRAINING_OBJECTIVES
+    training_objective: str = "sft"
+    # Start from a trained model: a training output, a checkpoint-N or a merged dir. Its network
+    # settings, projector and LLM (its LoRA merged in memory) are the start; a fresh LoRA trains
+    # on top (model/lineage.py); the flags' language_model / vision / projector settings are
+    # replaced by its own, dtype and bits stay
+    init_from: str | None = None
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # one of DPO_LOSSES
+    # RPO: add this weight times the chosen answers' mean NLL to the DPO loss; null = plain DPO
+    rpo_alpha: float | None = None
 
 
 @dataclass
@@ -170,9 +183,35 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ValueError(f"unknown setting {name!r}")
         setattr(owner, name, value)
     config = RunConfig(**sections)
+    if config.training.init_from is not None:
+        inherit_network(config)
     resolve_defaults(config.vision)
     validate_config(config)
     return config
+
+
+def inherit_network(config: RunConfig) -> None:
+    """Replace the network sections by those of `--init_from`'s model (dtype and bits stay)."""
+    from model.checkpoint import read_description
+
+    parent = config.training.init_from
+    if config.projector.projector_path is not None:
+        raise ValueError("--init_from brings its own projector; drop --projector_path")
+    if config.language_model.bits == 4:
+        raise ValueError(
+            "--bits 4 with --init_from: the started-from LLM is merged in 16/32-bit and would have "
+            "to be quantized again; use --bits 16 (or merge it with python -m runtime.merge and "
+            "train on the merged directory's language_model/)"
+        )
+    try:
+        description = read_description(parent)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"--init_from {parent}: {error}") from None
+    language = LanguageModelConfig(**description["language_model"])
+    language.dtype, language.bits = config.language_model.dtype, config.language_model.bits
+    config.language_model = language
+    config.vision = VisionConfig(**description["vision"])
+    config.projector = ProjectorConfig(**{**description["projector"], "projector_path": None})
 
 
 def _field_names(obj) -> set[str]:
@@ -199,11 +238,33 @@ def validate_config(config: RunConfig) -> None:
             f"--max_steps must be a positive number of optimizer steps, or -1 to train "
             f"--num_train_epochs epochs; got {steps}"
         )
+    _validate_objective(config)
     cache = config.data.feature_cache
     if cache is not None and not Path(cache).is_dir():
         raise ValueError(
             f"--feature_cache {cache!r}: no such directory; write one with "
             "`python -m dataprocess features`"
+        )
+
+
+def _validate_objective(config: RunConfig) -> None:
+    t = config.training
+    check_choice("training_objective", t.training_objective, TRAINING_OBJECTIVES)
+    check_choice("dpo_loss", t.dpo_loss, DPO_LOSSES)
+    if t.dpo_beta <= 0:
+        raise ValueError(f"--dpo_beta must be positive, got {t.dpo_beta}")
+    if t.rpo_alpha is not None and t.rpo_alpha < 0:
+        raise ValueError(f"--rpo_alpha must be >= 0 (or unset), got {t.rpo_alpha}")
+    if t.training_objective != "dpo":
+        return
+    if config.data.packing:
+        raise ValueError(
+            "--packing does not apply to --training_objective dpo (rows come in pairs)"
+        )
+    if config.lora.train_mode == "projector+llm":
+        raise ValueError(
+            "--training_objective dpo takes its reference model by disabling the LoRA adapter; "
+            "--train_mode projector+llm has none (use projector+lora or projector)"
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from dataset.build import build_supervised_dataset
 from dataset.collator import SupervisedCollator
 from dataset.packing import PackedCollator, PackedDataset
+from dataset.preference import PreferenceCollator, build_preference_dataset
 from dataset.processor import VLMProcessor
 from model.vlm import VisionLanguageModel
 from runtime.config import DataConfig
@@ -44,15 +45,18 @@ def _image_source(config: DataConfig, vlm: VisionLanguageModel) -> FeatureCache 
     return feature_cache
 
 
-def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
-    """Returns (train dataset, eval dataset or None, collator). Bad records raise here."""
+def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer, objective: str = "sft"):
+    """Returns (train dataset, eval dataset or None, collator). Bad records raise here. With the
+    `dpo` objective the records are preference pairs, collated as chosen and rejected rows."""
     feature_cache = _image_source(config, vlm)
     processor = VLMProcessor(
         tokenizer, vlm.image_token_id, vlm.image_processor, system_prompt=config.system_prompt
     )
+    preference = objective == "dpo"
 
     def build(path: str):
-        return build_supervised_dataset(
+        builder = build_preference_dataset if preference else build_supervised_dataset
+        return builder(
             path,
             processor,
             image_folder=config.image_folder,
@@ -67,6 +71,8 @@ def build_datasets(config: DataConfig, vlm: VisionLanguageModel, tokenizer):
 
     train = build(config.data_path)
     evaluation = build(config.eval_data_path) if config.eval_data_path else None
+    if preference:
+        return train, evaluation, PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     collator = SupervisedCollator(pad_token_id=tokenizer.pad_token_id)
     if not config.packing:
         return train, evaluation, collator

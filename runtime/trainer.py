@@ -6,6 +6,8 @@
 - Checkpoints hold only the trainable weights (see `model/checkpoint.py`) plus the Trainer's
   optimizer, scheduler, RNG and data-position state, so `resume_from_checkpoint` continues exactly;
   a missing or damaged file is refused, naming it, instead of skipped (`runtime/resume.py`).
+- `--training_objective dpo`: `compute_loss` is the preference loss (`runtime/preference.py`) and
+  its rewards are logged beside the loss, averaged over the logging window and the processes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from runtime.engines import (
     gathered_trainable_state,
     zero_stage,
 )
+from runtime.preference import PreferenceObjective, RewardMeans
 from runtime.reporting import ThroughputCallback
 from runtime.resume import (
     OPTIMIZER_FILE,
@@ -59,6 +62,25 @@ class VLMTrainer(Trainer):
         self.description = description
         self.throughput = ThroughputCallback()
         self.add_callback(self.throughput)
+        t = run_config.training
+        self.preference = None
+        if t.training_objective == "dpo":  # before training changes a weight: the reference
+            self.preference = PreferenceObjective(
+                self.model, beta=t.dpo_beta, loss_type=t.dpo_loss, rpo_alpha=t.rpo_alpha
+            )
+        self.rewards = RewardMeans()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The LM loss (the model's own), or with `dpo` the preference loss of the pairs."""
+        if self.preference is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        vlm = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        loss, metrics = self.preference(model, vlm, inputs)
+        if model.training:  # every process's pairs
+            self.rewards.add(
+                {k: self.accelerator.gather_for_metrics(v) for k, v in metrics.items()}
+            )
+        return (loss, metrics) if return_outputs else loss  # evaluation reads a dict
 
     def get_batch_samples(self, *args, **kwargs):
         """The Trainer's batch fetch, timed: the time blocked on the data loader is logged."""
@@ -119,6 +141,7 @@ class VLMTrainer(Trainer):
             if PROJECTOR_GROUP in rates:
                 logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
             logs.update(self.throughput.measure(self.state.num_input_tokens_seen))
+            logs.update(self.rewards.pop())
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -12,6 +12,11 @@ from dataprocess.report import Tally
 from dataprocess.schema import Record
 from dataprocess.sources.captions import convert_aic_captions, convert_coco_captions
 from dataprocess.sources.chat import convert_llava, convert_sharegpt
+from dataprocess.sources.preference import (
+    convert_llava_rlhf,
+    convert_rlaif_v,
+    convert_vlfeedback,
+)
 from dataprocess.sources.qwen_vl import convert_qwen_vl
 
 Converter = Callable[[SourceConfig, Tally], Iterator[Record]]
@@ -29,4 +34,10 @@ def converter_for(fmt: str) -> Converter:
         return convert_aic_captions
     if fmt == "coco_captions":
         return convert_coco_captions
+    if fmt == "rlaif_v":
+        return convert_rlaif_v
+    if fmt == "vlfeedback":
+        return convert_vlfeedback
+    if fmt == "llava_rlhf":
+        return convert_llava_rlhf
     raise ValueError(f"unknown source format {fmt!r}")
