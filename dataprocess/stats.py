@@ -5,7 +5,9 @@ A record's length is the length of its training rendering: each record goes thro
 expanded to the image processor's count and the training default system prompt
 (``qwen.chat_format.DEFAULT_SYSTEM_PROMPT``) where the record has none. The image processor is
 the tower's (``--vision_model``), or a fixed grid of the N a checkpoint's ``vlm_config.json``
-(``--model_weights``) or ``--num_image_tokens`` gives. When its count depends on the image size,
+(``--model_weights``) or ``--num_image_tokens`` gives; an anyres checkpoint, or
+``--image_aspect_ratio anyres`` with ``--vision_model``, tiles as training does (its pinpoints and
+tile cap), and the summary then tallies the images by their token count. When its count depends on the image size,
 each image's (height, width) is read from its file header under ``--image_folder``. This is the one part of ``dataprocess`` (with
 ``features``) that needs the model stack, so those imports sit inside the functions.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +73,12 @@ def resolve_settings(
     vision_pretrained: str | None = None,
     model_weights: Path | None = None,
     system: str | None = None,
+    tiling: dict[str, Any] | None = None,
 ) -> StatsSettings:
     """N tokens per image from the flags: the override, else the tower and/or the checkpoint
     (which must agree), and the system prompt: the flag, else the checkpoint's, else training's.
+    An anyres checkpoint, or `tiling` ({"image_aspect_ratio": "anyres", "image_grid_pinpoints",
+    "image_max_tiles"} from the flags) with a tower, counts by image size (`anyres_processor`).
     """
     found: dict[str, int] = {}
     checkpoint: dict[str, Any] = {}
@@ -80,6 +86,14 @@ def resolve_settings(
     if model_weights is not None:
         checkpoint = _checkpoint_config(Path(model_weights))
         found["--model_weights"] = checkpoint["num_image_tokens"]
+    tower = {"vision_model": vision_model, "vision_pretrained": vision_pretrained}
+    if vision_model is not None:
+        tower["vision_library"] = vision_library
+    anyres = _anyres_vision(checkpoint, {**tower, **(tiling or {})})
+    if anyres is not None and num_image_tokens is None:
+        source = "--model_weights" if model_weights is not None else "--vision_model"
+        processor = anyres_processor(anyres)
+        return StatsSettings(processor, _system_prompt(system, checkpoint), f"{source} (anyres)")
     if vision_model is not None and num_image_tokens is None:
         from visual import load_vision_tower  # imports torch
 
@@ -102,14 +116,54 @@ def resolve_settings(
             f"--vision_model {vision_model} gives {found['--vision_model']} tokens per image but "
             f"--model_weights {model_weights} was trained with {found['--model_weights']}"
         )
-    if system is None:
-        from qwen.chat_format import DEFAULT_SYSTEM_PROMPT  # the training default, one owner
-
-        system = checkpoint.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
     flag, tokens = next(iter(found.items()))
     if flag != "--vision_model":
         processor = count_only(tokens)
+    system = _system_prompt(system, checkpoint)
     return StatsSettings(image_processor=processor, system=system, num_image_tokens_from=flag)
+
+
+def _system_prompt(system: str | None, checkpoint: dict[str, Any]) -> str:
+    if system is not None:
+        return system
+    from qwen.chat_format import DEFAULT_SYSTEM_PROMPT  # the training default, one owner
+
+    return checkpoint.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+
+
+def _anyres_vision(checkpoint: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any] | None:
+    """The vision settings to tile with (the checkpoint's, flags over them), or None when
+    neither says `image_aspect_ratio` anyres."""
+    saved = checkpoint.get("vision") or {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    vision = {**saved, **given}
+    if vision.get("image_aspect_ratio") != "anyres":
+        for flag in ("image_grid_pinpoints", "image_max_tiles"):
+            if flag in given:
+                raise ValueError(f"--{flag} applies to --image_aspect_ratio anyres only")
+        return None
+    if not vision.get("vision_model"):
+        raise ValueError(
+            "--image_aspect_ratio anyres needs --vision_model (the tower that tiles) or "
+            "--model_weights of an anyres checkpoint"
+        )
+    return vision
+
+
+def anyres_processor(vision: dict[str, Any]) -> Any:
+    """The AnyRes image processor of vision settings (a checkpoint's `vision` section or the
+    flags): the tower's tiling with its pinpoints and tile cap, as training builds it."""
+    from visual import load_vision_tower  # imports torch
+    from visual.anyres import AnyResImageProcessor
+
+    tower = load_vision_tower(
+        vision["vision_model"],
+        library=vision.get("vision_library", "transformers"),
+        pretrained=vision.get("vision_pretrained"),
+        image_aspect_ratio="anyres",
+    )
+    pinpoints, max_tiles = vision.get("image_grid_pinpoints"), vision.get("image_max_tiles")
+    return AnyResImageProcessor.from_tower(tower, pinpoints, max_tiles)
 
 
 def record_length(
@@ -214,7 +268,8 @@ def run_stats(
         if image_processor < 0:
             raise ValueError(f"--num_image_tokens must be >= 0, got {image_processor}")
         image_processor = count_only(image_processor)
-    sizes_of = _image_sizes_reader(image_processor, image_folder)
+    per_image: Counter[int] = Counter()  # tokens -> images, when counts depend on the size
+    sizes_of = _image_sizes_reader(image_processor, image_folder, per_image)
     if tokenizer is None:
         tokenizer = QWenTokenizer()
     system = DEFAULT_SYSTEM_PROMPT if system is None else system
@@ -234,11 +289,26 @@ def run_stats(
     save_histogram(lengths, histogram, model_max_length)
     summary["histogram"] = str(histogram)
     summary["num_image_tokens"] = image_processor.fixed_num_image_tokens
+    if per_image:
+        summary["image_tokens"] = image_token_summary(per_image)
     return summary
 
 
-def _image_sizes_reader(image_processor: Any, image_folder: Path | None):
-    """record -> its images' (height, width), or None when the count does not depend on them."""
+def image_token_summary(per_image: Counter[int]) -> dict[str, Any]:
+    """Images per token count (the count follows the image size), and their min / mean / max."""
+    images = sum(per_image.values())
+    return {
+        "images": images,
+        "min": min(per_image),
+        "mean": round(sum(t * n for t, n in per_image.items()) / images, 1),
+        "max": max(per_image),
+        "images_by_tokens": {str(t): per_image[t] for t in sorted(per_image)},
+    }
+
+
+def _image_sizes_reader(image_processor: Any, image_folder: Path | None, per_image: Counter):
+    """record -> its images' (height, width), or None when the count does not depend on them;
+    each image's token count is tallied in `per_image`."""
     if image_processor.fixed_num_image_tokens is not None:
         return lambda record: None
     if image_folder is None:
@@ -249,6 +319,8 @@ def _image_sizes_reader(image_processor: Any, image_folder: Path | None):
     from visual.image_io import read_image_size
 
     def sizes(record: Record) -> list[tuple[int, int]]:
-        return [read_image_size(confined_image_path(image_folder, p)) for p in record.images]
+        found = [read_image_size(confined_image_path(image_folder, p)) for p in record.images]
+        per_image.update(image_processor.num_image_tokens(size) for size in found)
+        return found
 
     return sizes

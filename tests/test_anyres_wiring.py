@@ -145,3 +145,34 @@ def test_an_anyres_run_refuses_the_feature_cache(anyres_vlm, tmp_path):
         ValueError, match="--feature_cache stores one fixed .* AnyResImageProcessor"
     ):
         build_datasets(config, vlm, tokenizer)
+
+
+def test_stats_count_anyres_records_by_image_size_as_training_does(
+    anyres_vlm, tokenizer, tiny_clip_dir, tmp_path, capsys
+):
+    from dataprocess.__main__ import main as dataprocess_main
+
+    vlm, _ = anyres_vlm
+    records = _records(tmp_path, 12, random.Random(5))
+    (tmp_path / "data.json").write_text(json.dumps(records), encoding="utf-8")
+    processor = VLMProcessor(tokenizer, vlm.image_token_id, vlm.image_processor)
+    lengths = sorted(_build(tmp_path, tokenizer, max_length=4096, processor=processor).lengths)
+    sizes = [Image.open(tmp_path / name).size for r in records for name in r.get("image", [])]
+    counts = processor.image_token_counts([(h, w) for w, h in sizes])
+    argv = ["stats", "--data", str(tmp_path / "data.json"), "--vision_model", str(tiny_clip_dir),
+            "--image_aspect_ratio", "anyres", "--image_folder", str(tmp_path),
+            "--system", "You are a helpful assistant."]  # fmt: skip
+    assert dataprocess_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["min"], summary["max"]) == (lengths[0], lengths[-1])
+    by_tokens = summary["image_tokens"]["images_by_tokens"]
+    assert by_tokens == {str(t): counts.count(t) for t in sorted(set(counts))}
+    assert len(by_tokens) > 1  # the sizes really give several counts
+    capped = argv + ["--image_max_tiles", "2", "--image_grid_pinpoints", "[[32, 64], [64, 64]]"]
+    assert dataprocess_main(capped) == 0
+    # only 1x2 tiles are left: 4 x 8 features, 4 newlines, the base tile's 16
+    assert json.loads(capsys.readouterr().out)["image_tokens"]["max"] == 16 + 4 * 8 + 4
+    no_anyres = ["stats", "--data", str(tmp_path / "data.json"), "--image_max_tiles", "2",
+                 "--vision_model", str(tiny_clip_dir)]  # fmt: skip
+    assert dataprocess_main(no_anyres) == 2
+    assert "--image_max_tiles applies to --image_aspect_ratio anyres" in capsys.readouterr().err
