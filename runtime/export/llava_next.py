@@ -5,8 +5,8 @@ what LLaVA-NeXT adds: `image_grid_pinpoints`, the `image_newline` weight (the pr
 `image_newline` here, `model.image_newline` there), and a `LlavaNextProcessor` whose image
 processor tiles as `visual/anyres.py` does (PIL backend, the same resampling) and expands each
 placeholder to our count for the image's size. `write_llava_next` writes the directory of an
-in-memory model; the dispatch of `python -m runtime.export` (a fixed grid -> LLaVA, anyres ->
-LLaVA-NeXT) follows once checkpoints build anyres models (the processor seam of issue #25).
+in-memory model; `python -m runtime.export` (`writer.export_checkpoint`) calls it for an anyres
+checkpoint and writes LLaVA for a fixed grid.
 """
 
 from __future__ import annotations
