@@ -208,7 +208,8 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from dataprocess.stats import resolve_settings, run_stats
+    from dataprocess.stats import run_stats
+    from dataprocess.stats_settings import resolve_settings
 
     settings = resolve_settings(
         num_image_tokens=args.num_image_tokens,
