@@ -185,3 +185,23 @@ def test_the_gguf_export_refuses_an_anyres_checkpoint_in_one_line(anyres_runs, t
     message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert "anyres" in message and "--format hf" in message and "\n" not in message
     assert not out.exists()
+
+
+def test_stats_of_an_anyres_checkpoint_count_by_image_size(anyres_runs, capsys):
+    from dataprocess.__main__ import main as dataprocess_main
+
+    out = anyres_runs["siglip"]
+    data = out.parent / "train.json"
+    argv = ["stats", "--data", str(data), "--model_weights", str(out),
+            "--image_folder", str(out.parent), "--histogram", str(out.parent / "h.png")]  # fmt: skip
+    assert dataprocess_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nreport")[0])
+    assert summary["num_image_tokens_from"] == "--model_weights (anyres)"
+    session = InferenceSession.from_checkpoint(out, dtype="float32")
+    records = json.loads(data.read_text())
+    names = [n for r in records for n in ([r["image"]] if isinstance(r.get("image"), str)
+                                          else r.get("image", []))]  # fmt: skip
+    sizes = [Image.open(out.parent / name).size for name in names]
+    counts = session.processor.image_token_counts([(h, w) for w, h in sizes])
+    by_tokens = {str(t): counts.count(t) for t in sorted(set(counts))}
+    assert summary["image_tokens"]["images_by_tokens"] == by_tokens and len(by_tokens) > 2
