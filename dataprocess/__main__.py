@@ -86,6 +86,20 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     _flag(stats, "model_max_length", type=int, help="report how many records exceed it")
     _flag(stats, "system", help="system prompt for records without one (default: training's)")
     _flag(stats, "image_folder", type=Path, help="image root, read when tokens depend on size")
+    _flag(stats, "image_aspect_ratio", help="anyres: count tiles by image size (train.py's flag)")
+    _flag(stats, "image_grid_pinpoints", type=_json_list, help="anyres: as train.py's")
+    _flag(stats, "image_max_tiles", type=int, help="anyres: as train.py's")
+
+
+def _json_list(text: str) -> list:
+    """A list flag in JSON, e.g. `[[336, 672], [672, 336]]`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list such as [[336, 672]], got {text!r}")
+    return value
 
 
 def _add_images_parser(sub: argparse._SubParsersAction) -> None:
@@ -194,7 +208,8 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from dataprocess.stats import resolve_settings, run_stats
+    from dataprocess.stats import run_stats
+    from dataprocess.stats_settings import resolve_settings
 
     settings = resolve_settings(
         num_image_tokens=args.num_image_tokens,
@@ -203,6 +218,11 @@ def _run_stats(args: argparse.Namespace) -> int:
         vision_pretrained=args.vision_pretrained,
         model_weights=args.model_weights,
         system=args.system,
+        tiling={
+            "image_aspect_ratio": args.image_aspect_ratio,
+            "image_grid_pinpoints": args.image_grid_pinpoints,
+            "image_max_tiles": args.image_max_tiles,
+        },
     )
     summary = run_stats(
         args.data,

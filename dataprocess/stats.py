@@ -5,111 +5,28 @@ A record's length is the length of its training rendering: each record goes thro
 expanded to the image processor's count and the training default system prompt
 (``qwen.chat_format.DEFAULT_SYSTEM_PROMPT``) where the record has none. The image processor is
 the tower's (``--vision_model``), or a fixed grid of the N a checkpoint's ``vlm_config.json``
-(``--model_weights``) or ``--num_image_tokens`` gives. When its count depends on the image size,
+(``--model_weights``) or ``--num_image_tokens`` gives; an anyres checkpoint, or
+``--image_aspect_ratio anyres`` with ``--vision_model``, tiles as training does (its pinpoints and
+tile cap), and the summary then tallies the images by their token count. When its count depends on the image size,
 each image's (height, width) is read from its file header under ``--image_folder``. This is the one part of ``dataprocess`` (with
 ``features``) that needs the model stack, so those imports sit inside the functions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dataprocess.reading import iter_raw_records
 from dataprocess.schema import Record, RecordError, parse_record
+from dataprocess.stats_settings import count_only
 
 log = logging.getLogger(__name__)
 CANDIDATE_LENGTHS = (512, 1024, 2048, 4096, 8192)
-CHECKPOINT_CONFIG = "vlm_config.json"  # written by model/checkpoint.py (VLM_CONFIG)
-
-
-@dataclass(frozen=True)
-class StatsSettings:
-    """What a length depends on besides the text: the image processor and the system prompt."""
-
-    image_processor: Any  # visual.processing.ImageProcessor
-    system: str
-    num_image_tokens_from: str  # the flag it came from, for the summary
-
-    @property
-    def num_image_tokens(self) -> int | None:
-        """Tokens per image of a fixed grid; None when the count depends on the size."""
-        return self.image_processor.fixed_num_image_tokens
-
-
-def count_only(num_image_tokens: int) -> Any:
-    """A fixed grid of `num_image_tokens` per image that only counts (no tower loaded)."""
-    from visual.processing import FixedGridProcessor  # imports torch
-
-    return FixedGridProcessor(None, num_image_tokens)
-
-
-def _checkpoint_config(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / CHECKPOINT_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"--model_weights {checkpoint}: no {CHECKPOINT_CONFIG} in it") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("num_image_tokens"), int):
-        raise ValueError(f"{path}: no integer 'num_image_tokens'")
-    return config
-
-
-def resolve_settings(
-    *,
-    num_image_tokens: int | None = None,
-    vision_model: str | None = None,
-    vision_library: str = "transformers",
-    vision_pretrained: str | None = None,
-    model_weights: Path | None = None,
-    system: str | None = None,
-) -> StatsSettings:
-    """N tokens per image from the flags: the override, else the tower and/or the checkpoint
-    (which must agree), and the system prompt: the flag, else the checkpoint's, else training's.
-    """
-    found: dict[str, int] = {}
-    checkpoint: dict[str, Any] = {}
-    processor = None
-    if model_weights is not None:
-        checkpoint = _checkpoint_config(Path(model_weights))
-        found["--model_weights"] = checkpoint["num_image_tokens"]
-    if vision_model is not None and num_image_tokens is None:
-        from visual import load_vision_tower  # imports torch
-
-        tower = load_vision_tower(
-            vision_model, library=vision_library, pretrained=vision_pretrained
-        )
-        processor = tower.image_processor
-        found["--vision_model"] = processor.fixed_num_image_tokens
-    if num_image_tokens is not None:
-        if num_image_tokens < 0:
-            raise ValueError(f"--num_image_tokens must be >= 0, got {num_image_tokens}")
-        found = {"--num_image_tokens": num_image_tokens}
-    elif not found:
-        raise ValueError(
-            "stats needs the tokens per image: pass --vision_model (the tower), --model_weights "
-            "(a checkpoint directory) or --num_image_tokens"
-        )
-    elif len(set(found.values())) > 1:
-        raise ValueError(
-            f"--vision_model {vision_model} gives {found['--vision_model']} tokens per image but "
-            f"--model_weights {model_weights} was trained with {found['--model_weights']}"
-        )
-    if system is None:
-        from qwen.chat_format import DEFAULT_SYSTEM_PROMPT  # the training default, one owner
-
-        system = checkpoint.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
-    flag, tokens = next(iter(found.items()))
-    if flag != "--vision_model":
-        processor = count_only(tokens)
-    return StatsSettings(image_processor=processor, system=system, num_image_tokens_from=flag)
 
 
 def record_length(
@@ -218,7 +135,8 @@ def run_stats(
         if image_processor < 0:
             raise ValueError(f"--num_image_tokens must be >= 0, got {image_processor}")
         image_processor = count_only(image_processor)
-    sizes_of = _image_sizes_reader(image_processor, image_folder)
+    per_image: Counter[int] = Counter()  # tokens -> images, when counts depend on the size
+    sizes_of = _image_sizes_reader(image_processor, image_folder, per_image)
     if tokenizer is None:
         tokenizer = QWenTokenizer()
     system = DEFAULT_SYSTEM_PROMPT if system is None else system
@@ -238,11 +156,26 @@ def run_stats(
     save_histogram(lengths, histogram, model_max_length)
     summary["histogram"] = str(histogram)
     summary["num_image_tokens"] = image_processor.fixed_num_image_tokens
+    if per_image:
+        summary["image_tokens"] = image_token_summary(per_image)
     return summary
 
 
-def _image_sizes_reader(image_processor: Any, image_folder: Path | None):
-    """record -> its images' (height, width), or None when the count does not depend on them."""
+def image_token_summary(per_image: Counter[int]) -> dict[str, Any]:
+    """Images per token count (the count follows the image size), and their min / mean / max."""
+    images = sum(per_image.values())
+    return {
+        "images": images,
+        "min": min(per_image),
+        "mean": round(sum(t * n for t, n in per_image.items()) / images, 1),
+        "max": max(per_image),
+        "images_by_tokens": {str(t): per_image[t] for t in sorted(per_image)},
+    }
+
+
+def _image_sizes_reader(image_processor: Any, image_folder: Path | None, per_image: Counter):
+    """record -> its images' (height, width), or None when the count does not depend on them;
+    each image's token count is tallied in `per_image`."""
     if image_processor.fixed_num_image_tokens is not None:
         return lambda record: None
     if image_folder is None:
@@ -253,6 +186,8 @@ def _image_sizes_reader(image_processor: Any, image_folder: Path | None):
     from visual.image_io import read_image_size
 
     def sizes(record: Record) -> list[tuple[int, int]]:
-        return [read_image_size(confined_image_path(image_folder, p)) for p in record.images]
+        found = [read_image_size(confined_image_path(image_folder, p)) for p in record.images]
+        per_image.update(image_processor.num_image_tokens(size) for size in found)
+        return found
 
     return sizes

@@ -13,10 +13,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import qwen  # noqa: F401 - registers model_type "qwen" with the Auto classes
+from model.anyres import build_anyres_projector
 from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig, resolve_dtype
 from model.projector import build_projector
 from model.vlm import VisionLanguageModel
 from visual import load_vision_tower
+from visual.anyres import anyres_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,17 @@ def load_vision(config: VisionConfig, dtype: torch.dtype, path: str | None = Non
     )
 
 
-def make_projector(config: ProjectorConfig, vision, llm) -> torch.nn.Module:
+def make_projector(
+    config: ProjectorConfig, vision, llm, tiling: VisionConfig | None = None
+) -> torch.nn.Module:
+    """A fresh projector sized from the tower and `llm.config`. An AnyRes tower's projector
+    carries the tiling of `tiling`'s pinpoints and tile cap (None: the defaults)."""
+    if vision.settings.get("image_aspect_ratio") == "anyres":
+        tiling = tiling or VisionConfig()
+        geometry = anyres_geometry(vision, tiling.image_grid_pinpoints, tiling.image_max_tiles)
+        return build_anyres_projector(
+            config.projector_type, vision.hidden_size, llm.config.hidden_size, geometry
+        )
     options = {"num_queries": config.num_queries} if config.projector_type == "resampler" else {}
     return build_projector(
         config.projector_type,
@@ -105,22 +117,21 @@ def make_projector(config: ProjectorConfig, vision, llm) -> torch.nn.Module:
 
 
 def compose_vlm(
-    llm, tokenizer, vision, projector_config: ProjectorConfig, image_token: str | None = None
+    llm,
+    tokenizer,
+    vision,
+    projector_config: ProjectorConfig,
+    image_token: str | None = None,
+    tiling: VisionConfig | None = None,
 ) -> VisionLanguageModel:
     """The one composition step: placeholder id from the tokenizer, a fresh projector sized from
-    the tower and `llm.config` (fp32: its master weights), the three parts in one module; an LLM
-    whose own loss the chunked loss would not reproduce is refused (`check_loss_path`)."""
-    if vision.settings.get("image_aspect_ratio") == "anyres":
-        # The pieces exist (visual/anyres.py, model/anyres.py); until the data pipeline and the
-        # VLM's forward carry tiles and image_sizes, building would train a fixed grid silently.
-        raise ValueError(
-            "--image_aspect_ratio anyres is not wired into training and inference yet "
-            "(issue #25: the processor seam); use pad or resize"
-        )
+    the tower and `llm.config` (fp32: its master weights; AnyRes with `tiling`'s pinpoints), the
+    three parts in one module; an LLM whose own loss the chunked loss would not reproduce is
+    refused (`check_loss_path`)."""
     image_token_id = image_token_id_for(tokenizer, llm.config, image_token)
     if llm.config.model_type == "qwen":
         llm.config.image_token_id = image_token_id
-    projector = make_projector(projector_config, vision, llm)
+    projector = make_projector(projector_config, vision, llm, tiling)
     vlm = VisionLanguageModel(vision, projector, llm, image_token_id)
     vlm.check_loss_path()
     return vlm
@@ -132,7 +143,9 @@ def build_vlm(
     """Returns (VisionLanguageModel, tokenizer), loaded from the configured paths."""
     llm, tokenizer = load_language_model(language)
     vision = load_vision(vision_config, resolve_dtype(language.dtype))
-    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
+    vlm = compose_vlm(
+        llm, tokenizer, vision, projector_config, language.image_token, tiling=vision_config
+    )
     logger.info(
         "VLM: %s (%d image tokens, Dv=%d) -> %s -> %s (Dl=%d)",
         vision_config.vision_model,

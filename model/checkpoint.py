@@ -300,7 +300,9 @@ def _load_base(checkpoint: Path, description: dict, dtype, bits, allow_other_bas
     vision_config = VisionConfig(**description["vision"])
     vision = load_vision(vision_config, resolve_dtype(dtype), path=overrides["vision_model"])
     projector_config = ProjectorConfig(**description["projector"])
-    vlm = compose_vlm(llm, tokenizer, vision, projector_config, language.image_token)
+    vlm = compose_vlm(
+        llm, tokenizer, vision, projector_config, language.image_token, tiling=vision_config
+    )
     if vlm.image_token_id != description["image_token_id"]:
         raise CheckpointError(
             f"{checkpoint}: trained with image_token_id {description['image_token_id']}, "

@@ -15,8 +15,10 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from model.anyres import AnyResProjector
 from qwen import splice_image_features
 from qwen.loss import loss_chunk_size, sequence_log_probs, supervised_cross_entropy
+from visual.anyres import AnyResImageProcessor
 from visual.processing import FixedGridProcessor, ImageProcessor
 
 # Config fields of LLMs whose logits are not plain `lm_head(hidden)` (Gemma 2's soft-capping,
@@ -73,10 +75,12 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def image_processor(self) -> ImageProcessor:
-        """The image side of the processor seam (visual/processing.py). The tower's own when
-        its count depends on the image size (a tiling tower; `image_rows` then packs its tile
-        features); otherwise a fixed grid of the tower's preprocessing and this model's rows per
-        image (a resampler projector changes the tower's N)."""
+        """The image side of the processor seam (visual/processing.py). AnyRes: the tiling of
+        the projector's geometry with the tower's preprocessing (`image_rows` packs the tiles).
+        The tower's own when its count depends on the image size; otherwise a fixed grid of the
+        tower's preprocessing and this model's rows per image (a resampler changes the tower's N)."""
+        if isinstance(self.projector, AnyResProjector):
+            return AnyResImageProcessor(self.projector.geometry, self.vision.preprocessor)
         processor = self.vision.image_processor
         if processor.fixed_num_image_tokens is None:
             return processor
@@ -87,8 +91,14 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Projected features -> the flat `[total_rows, Dl]` rows the splice takes, image after
         image in batch order: image i contributes `image_processor.num_image_tokens(size_i)`
-        rows. The fixed grid's `[n_img, N', Dl]` simply flattens; `image_sizes` [n_img, 2] (None
-        from a feature cache) must then name one size per image."""
+        rows. AnyRes: `image_features` are all images' tiles `[sum of 1 + tiles, N, Dl]`, packed
+        by their `image_sizes` (`model.anyres.pack_images`). The fixed grid's `[n_img, N', Dl]`
+        simply flattens; `image_sizes` [n_img, 2] (None from a feature cache) must then name one
+        size per image."""
+        if isinstance(self.projector, AnyResProjector):
+            if image_sizes is None:
+                raise ValueError("an AnyRes model needs image_sizes to lay out its images' tiles")
+            return self.projector.pack(image_features, image_sizes)  # [total_rows, Dl]
         if image_sizes is not None and image_sizes.shape[0] != image_features.shape[0]:
             raise ValueError(
                 f"{image_sizes.shape[0]} image_sizes for {image_features.shape[0]} images"
@@ -142,6 +152,9 @@ class VisionLanguageModel(nn.Module):
             # image's features, spliced like real ones: the same modules run in the same order
             # forward and backward on every rank, with zero gradients and the loss unchanged.
             image_features = self._image_path_probe()[:0]  # [0, N', Dl]
+            if isinstance(self.projector, AnyResProjector):  # image_newline joins the graph too
+                newline = self.projector.image_newline.to(image_features.dtype)
+                image_features = image_features.flatten(0, 1) + newline  # [0, Dl]
         return self._spliced_inputs(input_ids, image_features)
 
     def _spliced_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> dict:

@@ -76,19 +76,13 @@ def test_a_yaml_pinpoints_value_of_the_wrong_type_names_the_key(tmp_path):
         load_config(path)
 
 
-def test_an_anyres_tower_normalises_tiles_only_and_building_a_vlm_waits_for_the_seam(
-    tiny_clip_dir,
-):
-    from model.builder import compose_vlm
-    from model.config import ProjectorConfig
+def test_an_anyres_tower_normalises_tiles_only(tiny_clip_dir):
     from visual import load_vision_tower
     from visual.anyres import AnyResImageProcessor
 
     tower = load_vision_tower(str(tiny_clip_dir), image_aspect_ratio="anyres")
     assert not tower.preprocessor.pad_to_square
     assert AnyResImageProcessor.from_tower(tower).geometry.tile_size == tower.image_size
-    with pytest.raises(ValueError, match="anyres is not wired into training and inference yet"):
-        compose_vlm(None, None, tower, ProjectorConfig())
 
 
 def test_a_feature_cache_of_anyres_is_refused_before_reading(tmp_path, capsys):

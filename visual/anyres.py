@@ -183,7 +183,10 @@ def anyres_geometry(
 
 class AnyResImageProcessor:
     """PIL image -> `pixel_values` [1 + tiles, 3, S, S] (base tile first, then the tiles row by
-    row), and the image's token count; the tower's own normalisation and resampling."""
+    row), and the image's token count; the tower's own normalisation and resampling. An
+    `ImageProcessor` (visual/processing.py) whose count depends on the image size."""
+
+    fixed_num_image_tokens = None  # the count depends on the image size
 
     def __init__(self, geometry: AnyResGeometry, preprocessor: ImagePreprocessor) -> None:
         if preprocessor.output_size != (geometry.tile_size, geometry.tile_size):
@@ -206,7 +209,13 @@ class AnyResImageProcessor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image -> [1 + tiles, 3, S, S] float32."""
-        return self.preprocessor(self.tiles(image))  # square S x S tiles pass its geometry as is
+        return self.pixel_values([image])  # square S x S tiles pass its geometry as is
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Several images -> all their tiles `[sum of 1 + tiles, 3, S, S]`, image after image (the
+        model splits them again by `image_sizes`, `model.anyres.pack_images`)."""
+        tiles = [tile for image in images for tile in self.tiles(image)]  # a handful per image
+        return self.preprocessor(tiles)  # one normalisation step; no image: [0, 3, S, S]
 
     def tiles(self, image: Image.Image) -> list[Image.Image]:
         """The base tile and the grid's tiles, row by row, as S x S RGB images."""

@@ -48,6 +48,12 @@ NUM_IMAGE_TOKENS_KEY = "vlm.num_image_tokens"
 
 def check_gguf_description(description: dict, checkpoint: Path) -> None:
     """Refuse, before any weight loads, towers and projectors llama.cpp's mmproj cannot run."""
+    if description["vision"].get("image_aspect_ratio") == "anyres":
+        raise ValueError(
+            f"{checkpoint}: an anyres model has a size-dependent number of tokens per image, "
+            "which this GGUF export (one fixed grid per image) cannot hold; export it with "
+            "--format hf (LlavaNextForConditionalGeneration)"
+        )
     library = description["vision"].get("vision_library", "transformers")
     if library != "transformers":
         raise ValueError(

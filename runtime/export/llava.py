@@ -53,8 +53,9 @@ def tokens_per_image(vlm: VisionLanguageModel) -> int:
     return tokens
 
 
-def check_convertible(vlm: VisionLanguageModel) -> None:
-    """Raise ValueError saying what LLaVA cannot hold, and what to use instead."""
+def check_convertible(vlm: VisionLanguageModel, fixed_grid: bool = True) -> None:
+    """Raise ValueError saying what LLaVA cannot hold, and what to use instead; `fixed_grid`
+    False: the tokens per image may depend on its size (LLaVA-NeXT holds that)."""
     from peft import PeftModel  # imported where used: it imports bitsandbytes
 
     llm = vlm.llm
@@ -95,7 +96,8 @@ def check_convertible(vlm: VisionLanguageModel) -> None:
             f"{type(vlm.projector).__name__}; `python -m runtime.merge` gives a standalone copy "
             "that this toolkit loads"
         )
-    tokens_per_image(vlm)
+    if fixed_grid:
+        tokens_per_image(vlm)
 
 
 def qwen2_config(config) -> Qwen2Config:
@@ -144,16 +146,17 @@ def text_config(llm: nn.Module):
     return llm.config
 
 
-def llava_config(vlm: VisionLanguageModel) -> LlavaConfig:
-    """LlavaConfig for `vlm`: its tower's own config, the text config, its feature layer and ids."""
-    check_convertible(vlm)
+def llava_config(vlm: VisionLanguageModel, image_seq_length: int | None = None) -> LlavaConfig:
+    """LlavaConfig for `vlm`: its tower's own config, the text config, its feature layer and ids.
+    `image_seq_length` None: the fixed grid's tokens per image (LLaVA-NeXT gives its base tile's)."""
+    check_convertible(vlm, fixed_grid=image_seq_length is None)
     tower = vlm.vision.model.config
     text = text_config(vlm.llm)
     return LlavaConfig(
         vision_config=_portable(tower.to_dict()),
         text_config={**_portable(text.to_dict()), "use_cache": True},  # training turns it off
         image_token_id=vlm.image_token_id,
-        image_seq_length=tokens_per_image(vlm),
+        image_seq_length=image_seq_length or tokens_per_image(vlm),
         projector_hidden_act="gelu",  # exact (erf) GELU, as nn.GELU() in MLPProjector
         vision_feature_select_strategy=SELECT_STRATEGY[tower.model_type],
         vision_feature_layer=resolve_feature_layer(
@@ -210,9 +213,10 @@ def language_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def llava_state_dict(vlm: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Every weight of `vlm` under `LlavaForConditionalGeneration`'s names, in its own dtype."""
-    check_convertible(vlm)
+def llava_state_dict(vlm: VisionLanguageModel, fixed_grid: bool = True) -> dict[str, torch.Tensor]:
+    """Every weight of `vlm` under `LlavaForConditionalGeneration`'s names, in its own dtype
+    (`fixed_grid` as `check_convertible`'s: LLaVA-NeXT shares these names)."""
+    check_convertible(vlm, fixed_grid)
     state = {VISION_PREFIX + k: v for k, v in vlm.vision.model.state_dict().items()}
     state.update({PROJECTOR_PREFIX + k: v for k, v in vlm.projector.state_dict().items()})
     state.update(language_state_dict(vlm.llm))

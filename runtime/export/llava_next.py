@@ -5,8 +5,8 @@ what LLaVA-NeXT adds: `image_grid_pinpoints`, the `image_newline` weight (the pr
 `image_newline` here, `model.image_newline` there), and a `LlavaNextProcessor` whose image
 processor tiles as `visual/anyres.py` does (PIL backend, the same resampling) and expands each
 placeholder to our count for the image's size. `write_llava_next` writes the directory of an
-in-memory model; the dispatch of `python -m runtime.export` (a fixed grid -> LLaVA, anyres ->
-LLaVA-NeXT) follows once checkpoints build anyres models (the processor seam of issue #25).
+in-memory model; `python -m runtime.export` (`writer.export_checkpoint`) calls it for an anyres
+checkpoint and writes LLaVA for a fixed grid.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_anyres_convertible(vlm: VisionLanguageModel) -> None:
 def llava_next_config(vlm: VisionLanguageModel) -> LlavaNextConfig:
     """LLaVA's config of `vlm` (`llava.llava_config`) with the pinpoints of its tiling."""
     check_anyres_convertible(vlm)
-    base = llava_config(vlm)
+    base = llava_config(vlm, image_seq_length=vlm.projector.geometry.base_tokens)
     return LlavaNextConfig(
         vision_config=base.vision_config.to_dict(),
         text_config=base.text_config.to_dict(),
@@ -80,7 +80,7 @@ def llava_next_config(vlm: VisionLanguageModel) -> LlavaNextConfig:
 def llava_next_state_dict(vlm: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """Every weight of `vlm` under `LlavaNextForConditionalGeneration`'s names."""
     check_anyres_convertible(vlm)
-    state = llava_state_dict(vlm)
+    state = llava_state_dict(vlm, fixed_grid=False)
     state[NEWLINE_KEY] = state.pop(PROJECTOR_PREFIX + "image_newline")
     return state
 
@@ -135,11 +135,16 @@ def write_llava_next(
     system_prompt: str,
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    notes: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write an anyres `vlm` (LoRA already merged) as a LLaVA-NeXT directory: weights, config,
-    processor, generation config. Atomic: OUT_DIR is absent, the old one, or the whole new one."""
+    processor, generation config; `notes` ({key: lines}) go into config.json. Atomic: OUT_DIR is
+    absent, the old one, or the whole new one."""
     check_destination(out_dir, overwrite=overwrite, flag="OUT_DIR")
     model = build_llava_next(vlm, DTYPES[dtype])
+    for key, lines in (notes or {}).items():
+        setattr(model.config, key, lines)
     image_token = tokenizer.convert_ids_to_tokens(vlm.image_token_id)
     exported_tokenizer = export_tokenizer(tokenizer)
     processor = llava_next_processor(vlm, exported_tokenizer, image_token, system_prompt)
@@ -150,7 +155,8 @@ def write_llava_next(
         do_sample=False,
     )
     with atomic_directory(out_dir, overwrite=overwrite, flag="OUT_DIR") as staging:
-        model.save_pretrained(staging, state_dict=saved_layout(model.state_dict()))
+        state = saved_layout(model.state_dict())
+        model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
         readable_weights(staging)
     return Path(out_dir)

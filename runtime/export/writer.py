@@ -1,4 +1,5 @@
-"""Write a trained checkpoint as a standalone transformers `LlavaForConditionalGeneration` directory.
+"""Write a trained checkpoint as a standalone transformers `LlavaForConditionalGeneration` directory,
+or `LlavaNextForConditionalGeneration` for an anyres one (`runtime/export/llava_next.py`).
 
 What can be checked is checked before anything is written: the destination, the checkpoint's
 description (towers and projectors LLaVA cannot hold), its files (`model.checkpoint.load_vlm`
@@ -16,6 +17,7 @@ import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from dataset.conversation import chat_stop_token_ids
+from model.anyres import AnyResProjector
 from model.checkpoint import checkpoint_sources, load_vlm, read_description, readable_weights
 from model.config import DTYPES
 from qwen import QWenLMHeadModel
@@ -26,6 +28,7 @@ from runtime.export.llava import (
     qwen_extrapolation_note,
     saved_layout,
 )
+from runtime.export.llava_next import write_llava_next
 from runtime.export.processor import llava_processor
 from runtime.export.tokenizer import export_tokenizer
 from runtime.outputs import atomic_directory, check_destination, check_not_a_source
@@ -89,8 +92,15 @@ def export_checkpoint(
     )
     if isinstance(vlm.llm, PeftModel):
         vlm.llm = vlm.llm.merge_and_unload()
-    config = llava_config(vlm)  # raises for anything else LLaVA cannot hold
     system_prompt = description.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    if isinstance(vlm.projector, AnyResProjector):  # size-dependent tokens: LLaVA-NeXT
+        notes = export_notes(vlm)
+        write_llava_next(vlm, tokenizer, out_dir, system_prompt=system_prompt, dtype=dtype,
+                         overwrite=overwrite, max_shard_size=max_shard_size,
+                         notes={NOTES_KEY: notes})  # fmt: skip
+        _log_done(checkpoint, out_dir, dtype, notes)
+        return Path(out_dir)
+    config = llava_config(vlm)  # raises for anything else LLaVA cannot hold
     image_token = tokenizer.convert_ids_to_tokens(vlm.image_token_id)
     exported_tokenizer = export_tokenizer(tokenizer)
     processor = llava_processor(vlm, exported_tokenizer, image_token, system_prompt)
@@ -109,10 +119,14 @@ def export_checkpoint(
         processor.save_pretrained(staging)
         readable_weights(staging)
         (staging / "README.md").write_text(readme(checkpoint, dtype, notes), encoding="utf-8")
+    _log_done(checkpoint, out_dir, dtype, notes)
+    return Path(out_dir)
+
+
+def _log_done(checkpoint: Path, out_dir, dtype: str, notes: list[str]) -> None:
     for note in notes:
         logger.warning("export note: %s", note)
     logger.info("exported %s to %s (%s)", checkpoint, out_dir, dtype)
-    return Path(out_dir)
 
 
 def export_notes(vlm) -> list[str]:
