@@ -20,14 +20,20 @@ import torch
 from peft import prepare_model_for_kbit_training
 from torch import nn
 
+from bench.batches import SUPERVISED_FRACTION
 from bench.flops import LanguageDims, VisionDims
-from bench.reference_llava import apply_reference_lora, build_reference_llava, copy_weights
+from bench.reference_llava import (
+    apply_reference_lora,
+    build_reference_llava,
+    copy_weights,
+    reference_lora_targets,
+)
 from demo.tiny_models import TINY_QWEN
 from model.builder import compose_vlm, load_language_model
 from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig
 from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
-from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+from qwen import IMAGE_TOKEN, QWenConfig, QWenLMHeadModel, QWenTokenizer
 from visual.hf_tower import HFVisionTower, default_preprocessor, vision_model_class
 from visual.tower import resolve_feature_layer
 
@@ -59,6 +65,39 @@ SIGLIP_SO400M_384 = {
     "image_size": 384,
     "hidden_act": "gelu_pytorch_tanh",
 }
+# Qwen2-0.5B's text model: grouped-query attention (14 heads, 2 KV heads), tied embeddings.
+QWEN2_0_5B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+# A native QWen of Qwen2-0.5B's width and depth (QWen has no GQA and an untied head).
+QWEN_0_5B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "kv_channels": 64,
+    "intermediate_size": 2 * 4864,  # the MLP uses half
+}
+CLIP_B16_224 = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 16,
+    "image_size": 224,
+    "hidden_act": "quick_gelu",
+}
+# LoRA on every linear of a block
+QWEN_BLOCK_LINEARS = "c_attn|c_proj|w1|w2"
+QWEN2_BLOCK_LINEARS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 # demo.tiny_models.save_tiny_clip's tower
 TINY_CLIP = {
     "hidden_size": 64,
@@ -73,16 +112,44 @@ TINY_CLIP = {
 @dataclass(frozen=True)
 class ScalePreset:
     qwen: dict = field(default_factory=dict)  # QWenConfig overrides of the Qwen-7B defaults
+    # Set: the LLM is a transformers Qwen2ForCausalLM of this config (the inputs_embeds path)
+    qwen2: dict | None = None
     vision_type: str = "clip_vision_model"  # or siglip_vision_model
     vision: dict = field(default_factory=dict)
     max_length: int = 2048  # default --max_length
+    batch_size: int = 8  # default --batch_size
+    lora_targets: str | None = None  # default --lora_targets (None: LoraSettings' default)
+    full_length: bool = False  # every sample max_length tokens, instead of the LLaVA-like mix
+    supervised_fraction: float = SUPERVISED_FRACTION  # of each sample's text tokens
+    cpu: bool = False  # small enough to run on a CPU with the reference beside it
+
+    def with_layers(self, layers: int) -> ScalePreset:
+        """The same preset with `layers` LLM blocks (a reduced depth for development)."""
+        if self.qwen2 is not None:
+            return replace(self, qwen2={**self.qwen2, "num_hidden_layers": layers})
+        return replace(self, qwen={**self.qwen, "num_hidden_layers": layers})
 
 
+# Real width on a CPU: 2 x 1024 tokens, 196 of them image tokens, 40% of all tokens supervised.
+_REAL_WIDTH_CPU = {
+    "vision": CLIP_B16_224,
+    "max_length": 1024,
+    "batch_size": 2,
+    "full_length": True,
+    "supervised_fraction": 0.5,  # of the 828 text tokens: 414 of 1024
+    "cpu": True,
+}
 PRESETS = {
-    "tiny": ScalePreset(qwen=dict(TINY_QWEN), vision=TINY_CLIP, max_length=512),
+    "tiny": ScalePreset(qwen=dict(TINY_QWEN), vision=TINY_CLIP, max_length=512, cpu=True),
     "qwen7b-clip336": ScalePreset(vision=CLIP_L_336),
     "qwen7b-siglip384": ScalePreset(vision_type="siglip_vision_model", vision=SIGLIP_SO400M_384),
     "qwen1.8b-clip336": ScalePreset(qwen=QWEN_1_8B, vision=CLIP_L_336),
+    "qwen0.5b-clipb16": ScalePreset(
+        qwen2=QWEN2_0_5B, lora_targets=QWEN2_BLOCK_LINEARS, **_REAL_WIDTH_CPU
+    ),
+    "qwen0.5b-clipb16-native": ScalePreset(
+        qwen=QWEN_0_5B, lora_targets=QWEN_BLOCK_LINEARS, **_REAL_WIDTH_CPU
+    ),
 }
 
 
@@ -110,23 +177,32 @@ def vision_config(preset: ScalePreset):
 def build_ours(
     preset: ScalePreset, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
 ) -> VisionLanguageModel:
-    """Random-weight VLM: QWen + CLIP/SigLIP (feature layer -2) in `dtype`, fp32 projector."""
+    """Random-weight VLM: QWen (or Qwen2) + CLIP/SigLIP (feature layer -2) in `dtype`, fp32
+    projector. A Qwen2 LLM uses Qwen's tokenizer and `<|extra_0|>` as the image token."""
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
-        llm = QWenLMHeadModel(QWenConfig(**preset.qwen))
+        llm = build_llm(preset)
         tower_config = vision_config(preset)
         tower_model = vision_model_class(tower_config.model_type)(tower_config)
     llm.config.use_cache = False
     preprocessor = default_preprocessor(tower_config, "pad")
     vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2)
+    image_token = None if preset.qwen2 is None else IMAGE_TOKEN
     with torch.device(device):
-        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"))
+        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"), image_token)
+
+
+def build_llm(preset: ScalePreset) -> nn.Module:
+    if preset.qwen2 is None:
+        return QWenLMHeadModel(QWenConfig(**preset.qwen))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**preset.qwen2))
 
 
 def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:
     """The sizes bench.flops needs, read from the built model's configs."""
     tower = vlm.vision.model.config
-    config = vlm.llm.config
     feature_index = resolve_feature_layer(vlm.vision.feature_layer, tower.num_hidden_layers)
     vision = VisionDims(
         hidden_size=tower.hidden_size,
@@ -136,13 +212,29 @@ def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:
         image_tokens=vlm.vision.num_image_tokens,
         class_token=vlm.vision.drop_class_token,
     )
-    language = LanguageDims(
+    return vision, language_dims(vlm.llm.config)
+
+
+def language_dims(config) -> LanguageDims:
+    """A QWen or Qwen2 config's sizes (QWen's intermediate_size is twice its MLP width)."""
+    native = config.model_type == "qwen"
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    return LanguageDims(
         hidden_size=config.hidden_size,
-        mlp_width=config.intermediate_size // 2,
+        mlp_width=config.intermediate_size // 2 if native else config.intermediate_size,
         layers=config.num_hidden_layers,
         vocab_size=config.vocab_size,
+        kv_size=None if native else config.hidden_size // heads * (kv_heads or heads),
     )
-    return vision, language
+
+
+def adapted_linears(model: nn.Module) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear that carries a LoRA adapter (peft's `lora_A`)."""
+    return [
+        (module.in_features, module.out_features)
+        for module in model.modules()
+        if hasattr(module, "lora_A") and hasattr(module, "in_features")
+    ]
 
 
 def prepare_models(
@@ -176,7 +268,7 @@ def prepare_models(
     models: dict[str, nn.Module] = {"ours": vlm} if "ours" in impls else {}
     if reference is not None:
         models["reference"] = configure_reference(
-            reference, mode, settings, gradient_checkpointing, vlm.vision.dtype, seed
+            reference, mode, settings, gradient_checkpointing, vlm, seed
         )
     return models, vlm
 
@@ -186,10 +278,10 @@ def configure_reference(
     mode: str,
     settings: LoraSettings,
     gradient_checkpointing: bool,
-    vision_dtype: torch.dtype,
+    vlm: VisionLanguageModel,
     seed: int = 0,
 ) -> nn.Module:
-    """The reference's counterpart of model/trainable.py::configure_trainable."""
+    """The reference's counterpart of model/trainable.py::configure_trainable (`vlm`: ours)."""
     if mode == "qlora":
         llava = prepare_model_for_kbit_training(
             llava,
@@ -198,7 +290,7 @@ def configure_reference(
         )
         # prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32; ours applies it
         # to the LLM only, so the tower goes back to the run's dtype.
-        llava.model.vision_tower.to(vision_dtype)
+        llava.model.vision_tower.to(vlm.vision.dtype)
     elif gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     llava.train()
@@ -208,8 +300,9 @@ def configure_reference(
         llava.model.multi_modal_projector.requires_grad_(True)
         return llava
     torch.manual_seed(seed)
+    targets = reference_lora_targets(settings.target_modules, native=vlm.native_splice)
     return apply_reference_lora(
-        llava, settings.lora_rank, settings.lora_alpha, settings.lora_dropout
+        llava, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, targets
     )
 
 
