@@ -69,7 +69,8 @@ def build_models(directory: Path, seed: int = 0):
 
 def build_preset_models(scale: str, layers: int | None, seed: int = 0):
     """A bench.models preset's random-weight VLM in an InferenceSession, and LLaVA beside it."""
-    from bench.models import PRESETS, build_ours
+    from bench.models import build_ours
+    from bench.presets import PRESETS
     from qwen import QWenTokenizer
 
     preset = PRESETS[scale] if layers is None else PRESETS[scale].with_layers(layers)

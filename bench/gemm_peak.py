@@ -88,7 +88,8 @@ def measure_cpu_peaks(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.models import PRESETS, build_llm, language_dims
+    from bench.models import build_llm, language_dims
+    from bench.presets import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(PRESETS), default="qwen0.5b-clipb16")

@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.batches import synthetic_batches
 from bench.measure import make_optimizer, train_step
-from bench.models import PRESETS, prepare_models
+from bench.models import prepare_models
+from bench.presets import PRESETS
 from model.config import LoraSettings
 
 

@@ -39,7 +39,8 @@ from bench.measure import (
     train_step,
     trainable_parameters,
 )
-from bench.models import MODES, PRESETS, adapted_linears, model_dims, prepare_models
+from bench.models import MODES, adapted_linears, model_dims, prepare_models
+from bench.presets import PRESETS
 from model.config import LoraSettings
 from qwen.loss import loss_chunk_size
 

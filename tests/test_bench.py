@@ -19,7 +19,8 @@ from bench.flops import (
     vision_block_params,
     vision_forward_flops,
 )
-from bench.models import PRESETS, adapted_linears, build_llm, build_ours, model_dims
+from bench.models import adapted_linears, build_llm, build_ours, model_dims
+from bench.presets import PRESETS
 from model.config import LoraSettings
 from model.trainable import configure_trainable
 
