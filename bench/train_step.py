@@ -336,8 +336,9 @@ def markdown_table(results: dict) -> str:
             f"peak-memory ratio {results['ratio_peak_memory']:.3f}",
         ]
     for dtype, peak in (results.get("gemm_peaks") or {}).items():
+        role = "MFU's denominator" if dtype == config["dtype"] else "for reference"
         lines.append(
-            f"measured {dtype} matmul peak (MFU's denominator for {config['dtype']}): "
+            f"measured {dtype} matmul peak ({role}): "
             f"{peak['peak_flops'] / 1e9:.1f} GFLOP/s, {peak['threads']} threads"
         )
     lines.append(f"memory: {results['memory_note']}")
