@@ -47,8 +47,10 @@ def build_batch(
     max_length: int,
     image_token_id: int,
     generator: torch.Generator,
+    supervised_fraction: float = SUPERVISED_FRACTION,
 ) -> dict[str, torch.Tensor]:
-    """One right-padded batch: input_ids, attention_mask, labels `[B, T]`, pixel_values."""
+    """One right-padded batch: input_ids, attention_mask, labels `[B, T]`, pixel_values; the
+    last `supervised_fraction` of each sample's text tokens carry labels."""
     if max_length < num_image_tokens + HEADER_TOKENS + 2:
         raise ValueError(
             f"--max_length {max_length} leaves no room for text around the "
@@ -64,7 +66,7 @@ def build_batch(
         input_ids[row, :length] = torch.randint(0, REGULAR_VOCAB, (length,), generator=generator)
         header = min(HEADER_TOKENS, text - 1)
         input_ids[row, header : header + num_image_tokens] = image_token_id
-        answer = max(1, math.ceil(SUPERVISED_FRACTION * text))
+        answer = max(1, math.ceil(supervised_fraction * text))
         labels[row, length - answer : length] = input_ids[row, length - answer : length]
         attention_mask[row, :length] = 1
     pixel_values = torch.randn(
@@ -87,9 +89,17 @@ def synthetic_batches(
     max_length: int,
     image_token_id: int,
     seed: int,
+    full_length: bool = False,
+    supervised_fraction: float = SUPERVISED_FRACTION,
 ) -> list[dict[str, torch.Tensor]]:
-    """`count` batches of `batch_size` samples; the same seed gives the same batches."""
-    lengths = llava_like_lengths(count * batch_size, seed)
+    """`count` batches of `batch_size` samples; the same seed gives the same batches.
+
+    `full_length`: every sample fills `max_length` (no padding), instead of the LLaVA-like mix.
+    """
+    if full_length:
+        lengths = [max_length - num_image_tokens] * (count * batch_size)
+    else:
+        lengths = llava_like_lengths(count * batch_size, seed)
     generator = torch.Generator().manual_seed(seed)
     return [
         build_batch(
@@ -99,6 +109,7 @@ def synthetic_batches(
             max_length=max_length,
             image_token_id=image_token_id,
             generator=generator,
+            supervised_fraction=supervised_fraction,
         )
         for i in range(count)
     ]

@@ -1,6 +1,8 @@
 """Evaluation throughput: our batched generation against transformers' LLaVA `generate`.
 
 python -m bench.eval_throughput --questions 32 --batch_sizes 1 8 16 --max_new_tokens 16
+python -m bench.eval_throughput --scale qwen0.5b-clipb16 --questions 8 --batch_sizes 1 8 \
+    --no-answer_batch
 
 A tiny random VLM of the demo's size (`demo.tiny_models`: QWen of width 64 with the real
 151,936-token vocabulary, the tiny CLIP tower) built as the tests build it (`build_vlm`), and a
@@ -11,8 +13,13 @@ left-padded per batch; for every batch, our `VisionLanguageModel.generate` and L
 run on the same tensors (greedy, KV cache, the chat stop ids), alternating which goes first, for
 `--rounds` rounds. Equal weights and greedy decoding give equal tokens (checked and reported), so
 both do the same work. Reported per batch size: questions/s and generated tokens/s of both, the
-median paired time ratio ours/reference (<= 1.0: ours is at least as fast), and our end-to-end
-`answer_batch` rate (tokenising, image preprocessing and decoding included).
+median paired time ratio ours/reference (<= 1.0: ours is at least as fast), the median time to the
+first token of both (a separate paired `max_new_tokens=1` call: prefill and one step), and our
+end-to-end `answer_batch` rate (tokenising, image preprocessing and decoding included).
+
+`--scale NAME` replaces the demo's models by a bench.models preset with random weights (e.g.
+`qwen0.5b-clipb16`: Qwen2-0.5B's dimensions through `inputs_embeds`, CLIP-B/16; `--layers` cuts
+its depth), fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +65,18 @@ def build_models(directory: Path, seed: int = 0):
     vlm.eval()
     llava = reference_builder()(vlm).eval()
     return InferenceSession(vlm, tokenizer), llava
+
+
+def build_preset_models(scale: str, layers: int | None, seed: int = 0):
+    """A bench.models preset's random-weight VLM in an InferenceSession, and LLaVA beside it."""
+    from bench.models import build_ours
+    from bench.presets import PRESETS
+    from qwen import QWenTokenizer
+
+    preset = PRESETS[scale] if layers is None else PRESETS[scale].with_layers(layers)
+    vlm = build_ours(preset, device="cpu", dtype=torch.float32, seed=seed).eval()
+    llava = reference_builder()(vlm).eval()
+    return InferenceSession(vlm, QWenTokenizer()), llava
 
 
 def make_questions(count: int, seed: int = 0) -> list[tuple[tuple, tuple, list]]:
@@ -110,7 +129,13 @@ def batch_inputs(session, batch: list) -> dict:
 
 
 def run_batch_size(
-    session, llava, questions, batch_size: int, max_new_tokens: int, rounds: int = 1
+    session,
+    llava,
+    questions,
+    batch_size: int,
+    max_new_tokens: int,
+    rounds: int = 1,
+    answer_batch: bool = True,
 ) -> dict:
     """Every question `rounds` times through each implementation, in batches; paired per batch."""
     tokenizer = session.tokenizer
@@ -120,7 +145,7 @@ def run_batch_size(
     impls = {"ours": (generate_ours, session), "reference": (generate_reference, llava)}
     times = {"ours": 0.0, "reference": 0.0, "answer_batch": 0.0}
     tokens = {"ours": 0, "reference": 0}
-    ratios, same = [], True
+    ratios, same, first_token = [], True, {"ours": [], "reference": []}
     starts = [s for _ in range(rounds) for s in range(0, len(questions), batch_size)]
     for number, start in enumerate(starts):
         batch = questions[start : start + batch_size]
@@ -135,6 +160,13 @@ def run_batch_size(
             tokens[impl] += generated_tokens(outputs[impl], set(stops))
         same = same and torch.equal(outputs["ours"], outputs["reference"])
         ratios.append(seconds["ours"] / seconds["reference"])
+        for impl in ("reference", "ours") if number % 2 == 0 else ("ours", "reference"):
+            function, model = impls[impl]
+            with torch.inference_mode():
+                prefill = _timed(function, model, inputs, {**kwargs, "max_new_tokens": 1})[0]
+            first_token[impl].append(prefill)
+        if not answer_batch:
+            continue
         conversations = [(roles, contents) for roles, contents, _ in batch]
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         images = [images for *_, images in batch]
@@ -148,22 +180,27 @@ def run_batch_size(
         "reference_tokens_per_s": tokens["reference"] / times["reference"],
         "median_paired_ratio": statistics.median(ratios),
         "same_tokens": same,
-        "answer_batch_questions_per_s": count / times["answer_batch"],
+        "ours_first_token_s": statistics.median(first_token["ours"]),
+        "reference_first_token_s": statistics.median(first_token["reference"]),
+        "answer_batch_questions_per_s": count / times["answer_batch"] if answer_batch else None,
     }
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| batch | ours q/s | LLaVA q/s | ours tok/s | LLaVA tok/s | median ratio ours/LLaVA "
-        "| same tokens | ours `answer_batch` q/s |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| same tokens | ours `answer_batch` q/s | time to first token ours / LLaVA (s) |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
+        answer = r["answer_batch_questions_per_s"]
         lines.append(
             f"| {r['batch_size']} | {r['ours_questions_per_s']:.2f} | "
             f"{r['reference_questions_per_s']:.2f} | {r['ours_tokens_per_s']:.0f} | "
             f"{r['reference_tokens_per_s']:.0f} | {r['median_paired_ratio']:.3f} | "
-            f"{'yes' if r['same_tokens'] else 'no'} | {r['answer_batch_questions_per_s']:.2f} |"
+            f"{'yes' if r['same_tokens'] else 'no'} | "
+            f"{'-' if answer is None else f'{answer:.2f}'} | "
+            f"{r['ours_first_token_s']:.3f} / {r['reference_first_token_s']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -176,6 +213,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="passes over the questions")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", default=None, help="a bench.models preset (default: the demo)")
+    parser.add_argument("--layers", type=int, default=None, help="--scale's LLM depth")
+    parser.add_argument(
+        "--answer_batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time our end-to-end answer_batch",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     return parser.parse_args(argv)
 
@@ -184,11 +229,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
-        session, llava = build_models(Path(tmp), args.seed)
+    if args.scale is not None:
+        session, llava = build_preset_models(args.scale, args.layers, args.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+            session, llava = build_models(Path(tmp), args.seed)
     questions = make_questions(args.questions, args.seed)
-    run_batch_size(session, llava, questions[:2], 2, 2)  # warm-up, untimed
-    rows = [run_batch_size(session, llava, questions, size, args.max_new_tokens, args.rounds)
+    run_batch_size(session, llava, questions[:2], 2, 2, answer_batch=False)  # warm-up, untimed
+    rows = [run_batch_size(session, llava, questions, size, args.max_new_tokens, args.rounds,
+                           args.answer_batch)
             for size in args.batch_sizes]  # fmt: skip
     print(markdown_table(rows), end="")
     if args.out:

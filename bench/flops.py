@@ -10,7 +10,8 @@ the optimizer are left out (each is well under 1% at real sizes):
   for the activation gradients only (frozen weights get no weight gradient); attention
   4 x L x T^2 x H forward per sequence of T real tokens, counting the causal half by default
   (2 x L x T^2 x H), and twice that backward (dQ, dK, dV and dP are four matmuls, no weights);
-- LoRA adapters, trained: 6 x r x (d_in + d_out) per token per adapted linear;
+- LoRA adapters, trained: 6 x r x (d_in + d_out) per token per adapted linear (read from the
+  wrapped model: ours adapts QWen's fused c_attn, the reference its three q/k/v slices);
 - LM head, frozen: 4 x H x V per supervised token (forward and input gradient). Logits at
   unsupervised positions, which transformers' LLaVA computes over the full vocabulary, are not
   credited: they are wasted work.
@@ -41,6 +42,7 @@ class LanguageDims:
     mlp_width: int  # QWen: intermediate_size // 2
     layers: int
     vocab_size: int
+    kv_size: int | None = None  # width of the K and V projections (GQA); None: hidden_size
 
 
 def vision_block_params(v: VisionDims) -> int:
@@ -68,21 +70,12 @@ def projector_train_flops(vision_hidden: int, llm_hidden: int, image_tokens: int
 
 
 def llm_nonembedding_params(m: LanguageDims) -> int:
-    """QWen: c_attn (+ bias), attn c_proj, w1 / w2 / mlp c_proj, ln_1, ln_2 per layer; ln_f."""
+    """Per layer: Q/K/V (+ biases; QWen's c_attn), attention output, the gated MLP's three
+    linears, two norms; plus the final norm. Qwen2 has the same layout with narrower K / V."""
     h, f = m.hidden_size, m.mlp_width
-    per_layer = 3 * h * h + 3 * h + h * h + 3 * h * f + 2 * h
+    qkv = h + 2 * (m.kv_size or h)
+    per_layer = h * qkv + qkv + h * h + 3 * h * f + 2 * h
     return m.layers * per_layer + h
-
-
-def lora_shapes(m: LanguageDims, impl: str) -> list[tuple[int, int]]:
-    """(d_in, d_out) of the adapted linears of one layer: ours c_attn|w1|w2, the reference's
-    q|k|v|gate|up (c_attn adapted as three separate H x H linears)."""
-    h, f = m.hidden_size, m.mlp_width
-    if impl == "ours":
-        return [(h, 3 * h), (h, f), (h, f)]
-    if impl == "reference":
-        return [(h, h)] * 3 + [(h, f)] * 2
-    raise ValueError(f"impl {impl!r} is not one of ours, reference")
 
 
 def llm_train_flops(
@@ -94,7 +87,8 @@ def llm_train_flops(
     lora: list[tuple[int, int]] | None = None,
     causal_half: bool = True,
 ) -> float:
-    """Frozen-base LLM forward + backward over real tokens, LoRA included when `lora_rank` > 0."""
+    """Frozen-base LLM forward + backward over real tokens, LoRA included when `lora_rank` > 0;
+    `lora` holds (d_in, d_out) of every adapted linear of the LLM, all layers."""
     tokens = sum(sequence_lengths)
     params = llm_nonembedding_params(m)
     linear = (2 + 2) * params * tokens  # forward + activation gradients
@@ -104,7 +98,7 @@ def llm_train_flops(
     attention = attention_forward * (1 + 2)  # backward: four matmuls for the forward's two
     adapters = 0
     if lora_rank and lora:
-        adapters = 6 * lora_rank * sum(i + o for i, o in lora) * m.layers * tokens
+        adapters = 6 * lora_rank * sum(i + o for i, o in lora) * tokens
     head = 4 * m.hidden_size * m.vocab_size * supervised_tokens
     return float(linear + attention + adapters + head)
 
@@ -114,11 +108,12 @@ def step_flops(
     language: LanguageDims,
     batch: dict,
     *,
-    impl: str,
     lora_rank: int,
+    lora: list[tuple[int, int]] | None = None,
     causal_half: bool = True,
 ) -> dict[str, float]:
-    """Per-component and total FLOPs of one step on `batch` (from bench.batches.batch_stats)."""
+    """Per-component and total FLOPs of one step on `batch` (from bench.batches.batch_stats);
+    `lora`: (d_in, d_out) of every adapted linear (bench.models.adapted_linears)."""
     images = len(batch["sequence_lengths"])  # one image per sample
     image_tokens = images * vision.image_tokens
     parts = {
@@ -129,7 +124,7 @@ def step_flops(
             batch["sequence_lengths"],
             batch["supervised_tokens"],
             lora_rank=lora_rank,
-            lora=lora_shapes(language, impl) if lora_rank else None,
+            lora=lora,
             causal_half=causal_half,
         ),
     }

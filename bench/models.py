@@ -1,6 +1,6 @@
-"""Scale presets and model builders of the benchmark: random weights, real architecture sizes.
+"""Model builders of the benchmark: random weights at a preset's sizes (bench/presets.py).
 
-A preset names a QWen config and a transformers vision-tower config. `build_ours` builds the VLM
+`build_ours` builds the VLM
 in memory exactly as `model/builder.py` composes a loaded one (tower in the LLM's dtype, fp32
 projector), with no download and no checkpoint on disk; it also works on the `meta` device,
 which is how the tests check the real sizes. `prepare_models` then builds the reference from the
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,69 +21,24 @@ from peft import prepare_model_for_kbit_training
 from torch import nn
 
 from bench.flops import LanguageDims, VisionDims
-from bench.reference_llava import apply_reference_lora, build_reference_llava, copy_weights
-from demo.tiny_models import TINY_QWEN
+from bench.presets import ScalePreset
+from bench.reference_llava import (
+    apply_reference_lora,
+    build_reference_llava,
+    copy_weights,
+    reference_lora_targets,
+)
 from model.builder import compose_vlm, load_language_model
 from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig
 from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
-from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+from qwen import IMAGE_TOKEN, QWenConfig, QWenLMHeadModel, QWenTokenizer
 from visual.hf_tower import HFVisionTower, default_preprocessor, vision_model_class
 from visual.tower import resolve_feature_layer
 
 logger = logging.getLogger(__name__)
 
 MODES = ("lora", "qlora", "projector")
-QWEN_1_8B = {
-    "hidden_size": 2048,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "kv_channels": 128,
-    "intermediate_size": 11008,
-}
-CLIP_L_336 = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 336,
-    "hidden_act": "quick_gelu",
-}
-SIGLIP_SO400M_384 = {
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 384,
-    "hidden_act": "gelu_pytorch_tanh",
-}
-# demo.tiny_models.save_tiny_clip's tower
-TINY_CLIP = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "patch_size": 8,
-    "image_size": 32,
-}
-
-
-@dataclass(frozen=True)
-class ScalePreset:
-    qwen: dict = field(default_factory=dict)  # QWenConfig overrides of the Qwen-7B defaults
-    vision_type: str = "clip_vision_model"  # or siglip_vision_model
-    vision: dict = field(default_factory=dict)
-    max_length: int = 2048  # default --max_length
-
-
-PRESETS = {
-    "tiny": ScalePreset(qwen=dict(TINY_QWEN), vision=TINY_CLIP, max_length=512),
-    "qwen7b-clip336": ScalePreset(vision=CLIP_L_336),
-    "qwen7b-siglip384": ScalePreset(vision_type="siglip_vision_model", vision=SIGLIP_SO400M_384),
-    "qwen1.8b-clip336": ScalePreset(qwen=QWEN_1_8B, vision=CLIP_L_336),
-}
 
 
 @contextlib.contextmanager
@@ -110,23 +65,32 @@ def vision_config(preset: ScalePreset):
 def build_ours(
     preset: ScalePreset, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
 ) -> VisionLanguageModel:
-    """Random-weight VLM: QWen + CLIP/SigLIP (feature layer -2) in `dtype`, fp32 projector."""
+    """Random-weight VLM: QWen (or Qwen2) + CLIP/SigLIP (feature layer -2) in `dtype`, fp32
+    projector. A Qwen2 LLM uses Qwen's tokenizer and `<|extra_0|>` as the image token."""
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
-        llm = QWenLMHeadModel(QWenConfig(**preset.qwen))
+        llm = build_llm(preset)
         tower_config = vision_config(preset)
         tower_model = vision_model_class(tower_config.model_type)(tower_config)
     llm.config.use_cache = False
     preprocessor = default_preprocessor(tower_config, "pad")
     vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2)
+    image_token = None if preset.qwen2 is None else IMAGE_TOKEN
     with torch.device(device):
-        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"))
+        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"), image_token)
+
+
+def build_llm(preset: ScalePreset) -> nn.Module:
+    if preset.qwen2 is None:
+        return QWenLMHeadModel(QWenConfig(**preset.qwen))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**preset.qwen2))
 
 
 def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:
     """The sizes bench.flops needs, read from the built model's configs."""
     tower = vlm.vision.model.config
-    config = vlm.llm.config
     feature_index = resolve_feature_layer(vlm.vision.feature_layer, tower.num_hidden_layers)
     vision = VisionDims(
         hidden_size=tower.hidden_size,
@@ -136,13 +100,29 @@ def model_dims(vlm: VisionLanguageModel) -> tuple[VisionDims, LanguageDims]:
         image_tokens=vlm.vision.num_image_tokens,
         class_token=vlm.vision.drop_class_token,
     )
-    language = LanguageDims(
+    return vision, language_dims(vlm.llm.config)
+
+
+def language_dims(config) -> LanguageDims:
+    """A QWen or Qwen2 config's sizes (QWen's intermediate_size is twice its MLP width)."""
+    native = config.model_type == "qwen"
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    return LanguageDims(
         hidden_size=config.hidden_size,
-        mlp_width=config.intermediate_size // 2,
+        mlp_width=config.intermediate_size // 2 if native else config.intermediate_size,
         layers=config.num_hidden_layers,
         vocab_size=config.vocab_size,
+        kv_size=None if native else config.hidden_size // heads * (kv_heads or heads),
     )
-    return vision, language
+
+
+def adapted_linears(model: nn.Module) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear that carries a LoRA adapter (peft's `lora_A`)."""
+    return [
+        (module.in_features, module.out_features)
+        for module in model.modules()
+        if hasattr(module, "lora_A") and hasattr(module, "in_features")
+    ]
 
 
 def prepare_models(
@@ -176,7 +156,7 @@ def prepare_models(
     models: dict[str, nn.Module] = {"ours": vlm} if "ours" in impls else {}
     if reference is not None:
         models["reference"] = configure_reference(
-            reference, mode, settings, gradient_checkpointing, vlm.vision.dtype, seed
+            reference, mode, settings, gradient_checkpointing, vlm, seed
         )
     return models, vlm
 
@@ -186,10 +166,10 @@ def configure_reference(
     mode: str,
     settings: LoraSettings,
     gradient_checkpointing: bool,
-    vision_dtype: torch.dtype,
+    vlm: VisionLanguageModel,
     seed: int = 0,
 ) -> nn.Module:
-    """The reference's counterpart of model/trainable.py::configure_trainable."""
+    """The reference's counterpart of model/trainable.py::configure_trainable (`vlm`: ours)."""
     if mode == "qlora":
         llava = prepare_model_for_kbit_training(
             llava,
@@ -198,7 +178,7 @@ def configure_reference(
         )
         # prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32; ours applies it
         # to the LLM only, so the tower goes back to the run's dtype.
-        llava.model.vision_tower.to(vision_dtype)
+        llava.model.vision_tower.to(vlm.vision.dtype)
     elif gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     llava.train()
@@ -208,8 +188,9 @@ def configure_reference(
         llava.model.multi_modal_projector.requires_grad_(True)
         return llava
     torch.manual_seed(seed)
+    targets = reference_lora_targets(settings.target_modules, native=vlm.native_splice)
     return apply_reference_lora(
-        llava, settings.lora_rank, settings.lora_alpha, settings.lora_dropout
+        llava, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, targets
     )
 
 

@@ -7,10 +7,11 @@ exact QWen -> Qwen2 mapping of qwen1-spec.md C.6), each weight copied in its own
 then compute the same function in training mode (no dynamic NTK / logn), so the same batch gives
 the same loss, and timing the two compares implementations, not models.
 
-`apply_reference_lora` is the reference's counterpart of our `c_attn|w1|w2` LoRA: q/k/v (the
-three slices of c_attn, adapted separately, so the reference trains 6rH instead of 4rH
-attention-LoRA parameters per layer), gate_proj (w2) and up_proj (w1), matched by a full-match
-regex under the language model only.
+`apply_reference_lora` is the reference's counterpart of our LoRA: `reference_lora_targets` turns
+our `--target_modules` into the Qwen2 modules that hold the same weights (QWen's c_attn -> q/k/v,
+adapted separately, so the reference trains 6rH instead of 4rH attention-LoRA parameters per layer;
+attn / mlp c_proj -> o_proj / down_proj; w1 -> up_proj; w2 -> gate_proj; a Qwen2 LLM's names stay),
+matched by a full-match regex under the language model only.
 """
 
 from __future__ import annotations
@@ -23,13 +24,33 @@ from transformers import LlavaForConditionalGeneration
 from model.vlm import VisionLanguageModel
 from runtime.export.llava import build_llava
 
-# LoRA targets of the reference, full-matched against module paths such as
-# `model.language_model.layers.3.self_attn.q_proj`: never a vision-tower module.
-REFERENCE_LORA_TARGETS = (
-    r"model\.language_model\.layers\.\d+\."
-    r"(?:self_attn\.(?:q_proj|k_proj|v_proj)|mlp\.(?:gate_proj|up_proj))"
-)
-REFERENCE_LORA_PER_LAYER = 5
+# Our LoRA target names -> the Qwen2 modules (under a decoder layer) that hold those weights.
+QWEN_TO_QWEN2_LINEARS = {
+    "c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "c_proj": ("self_attn.o_proj", "mlp.down_proj"),
+    "w1": ("mlp.up_proj",),
+    "w2": ("mlp.gate_proj",),
+}
+QWEN2_LINEARS = {
+    **{name: (f"self_attn.{name}",) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{name: (f"mlp.{name}",) for name in ("gate_proj", "up_proj", "down_proj")},
+}
+
+
+def reference_lora_targets(target_modules: str, native: bool) -> str:
+    """Our `--target_modules` ("c_attn|w1|w2") -> a regex full-matched against the reference's
+    module paths such as `model.language_model.layers.3.self_attn.q_proj`: never a vision-tower
+    module. `native`: our LLM is QWen (converted to Qwen2 for the reference)."""
+    table = QWEN_TO_QWEN2_LINEARS if native else QWEN2_LINEARS
+    names = [name.strip() for name in target_modules.split("|") if name.strip()]
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        raise ValueError(
+            f"--target_modules {target_modules!r}: the reference has no counterpart of "
+            f"{', '.join(unknown)} (known: {', '.join(table)})"
+        )
+    paths = [path.replace(".", r"\.") for name in names for path in table[name]]
+    return r"model\.language_model\.layers\.\d+\.(?:" + "|".join(paths) + ")"
 
 
 @torch.no_grad()
@@ -55,9 +76,10 @@ def copy_weights(source: nn.Module, target: nn.Module) -> None:
 
 
 def apply_reference_lora(
-    llava: LlavaForConditionalGeneration, rank: int, alpha: int, dropout: float
+    llava: LlavaForConditionalGeneration, rank: int, alpha: int, dropout: float, targets: str
 ) -> PeftModel:
-    """LoRA on the language model's q/k/v/gate/up projections; the projector trains in full.
+    """LoRA on the language model's `targets` (`reference_lora_targets`); the projector trains
+    in full.
 
     Everything else (vision tower, embeddings, norms, lm_head) is frozen. peft's LoRA weights
     start with B = 0, so the wrapped model computes exactly what `llava` did.
@@ -66,7 +88,7 @@ def apply_reference_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=REFERENCE_LORA_TARGETS,
+        target_modules=targets,
         bias="none",
     )
     peft_model = get_peft_model(llava, lora)

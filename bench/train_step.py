@@ -2,8 +2,12 @@
 
 python -m bench.train_step --scale tiny --steps 20 --warmup 3 --batch_size 8 [--mode projector]
 python -m bench.train_step --scale qwen7b-clip336 --batch_size 4 --gradient-checkpointing
+python -m bench.train_step --scale qwen0.5b-clipb16 --steps 2 --warmup 1 --out FILE.json
 
-The second is for a GPU: both 7B models are resident at once (2 x 15 GiB in bf16).
+The second is for a GPU: both 7B models are resident at once (2 x 15 GiB in bf16). The third is
+real width on a CPU (Qwen2-0.5B's dimensions through `inputs_embeds`, CLIP-B/16, 2 x 1024 tokens;
+`qwen0.5b-clipb16-native` is a native QWen of the same size); `--layers N` cuts the LLM's depth.
+On a CPU the MFU's peak is measured in the same run (bench/gemm_peak.py).
 
 Weights are random (no download). For each round, every implementation runs one step on the
 same synthetic batch (ours, then the reference); the first `--warmup` rounds are not timed.
@@ -26,6 +30,7 @@ from torch import nn
 
 from bench.batches import batch_stats, synthetic_batches
 from bench.flops import peak_tflops_for, step_flops
+from bench.gemm_peak import gemm_shapes, measure_cpu_peaks
 from bench.measure import (
     MEMORY_NOTE,
     StepResult,
@@ -34,8 +39,10 @@ from bench.measure import (
     train_step,
     trainable_parameters,
 )
-from bench.models import MODES, PRESETS, model_dims, prepare_models
+from bench.models import MODES, adapted_linears, model_dims, prepare_models
+from bench.presets import PRESETS
 from model.config import LoraSettings
+from qwen.loss import loss_chunk_size
 
 logger = logging.getLogger("bench.train_step")
 
@@ -50,11 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="lora")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the scale's")
+    parser.add_argument("--layers", type=int, default=None, help="LLM blocks (default: scale's)")
     parser.add_argument("--max_length", type=int, default=None, help="default: the scale's")
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--lora_targets",
+        default=None,
+        help="our LLM's adapted linears, '|'-separated (default: the scale's, else LoraSettings')",
+    )
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument(
         "--gradient-checkpointing",
@@ -65,15 +78,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="default: by GPU name")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="default: by GPU name; on a CPU measured in the run (bench/gemm_peak.py)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
     args = parser.parse_args(argv)
+    preset = PRESETS[args.scale]
+    args.max_length = args.max_length or preset.max_length
+    args.batch_size = args.batch_size or preset.batch_size
+    args.lora_targets = args.lora_targets or preset.lora_targets or LoraSettings.target_modules
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch_size must be >= 1, --warmup >= 0")
-    if args.max_length is None:
-        args.max_length = PRESETS[args.scale].max_length
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
     return args
 
 
@@ -88,12 +110,18 @@ def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]
         raise ValueError(
             f"--mode qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); the device is {device}"
         )
-    if args.scale != "tiny" and device.type != "cuda":
+    if not PRESETS[args.scale].cpu and device.type != "cuda":
+        cpu_scales = ", ".join(name for name, preset in PRESETS.items() if preset.cpu)
         raise ValueError(
             f"--scale {args.scale} builds a real-size model and is meant for a GPU; "
-            f"the device is {device} (use --scale tiny on a CPU)"
+            f"the device is {device} (on a CPU use --scale tiny or {cpu_scales})"
         )
     return device, dtype
+
+
+def loss_chunk(vlm: nn.Module) -> int:
+    """Rows of the LM head's matmul in our chunked loss."""
+    return loss_chunk_size(vlm.llm.config)
 
 
 def device_name(device: torch.device) -> str:
@@ -106,9 +134,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Build, run the paired rounds, return the results (see `summarize`)."""
     device, dtype = resolve_device(args)
     preset = PRESETS[args.scale]
+    if args.layers is not None:
+        preset = preset.with_layers(args.layers)
     impls = list(IMPLS) if args.impl == "both" else [args.impl]
     lora = LoraSettings(
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_targets,
     )
     models, vlm = prepare_models(
         preset,
@@ -128,16 +161,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         max_length=args.max_length,
         image_token_id=vlm.image_token_id,
         seed=args.seed,
+        full_length=preset.full_length,
+        supervised_fraction=preset.supervised_fraction,
     )
     stats = [batch_stats(batch) for batch in batches]
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     optimizers = {impl: make_optimizer(model, args.lr) for impl, model in models.items()}
     autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
-    steps = run_rounds(models, optimizers, batches, autocast)
+    dims = model_dims(vlm)
+    gemm_peaks = None
     peak_tflops = args.peak_tflops
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = peak_tflops_for(device_name(device))
-    flops_config = {"mode": args.mode, "lora_rank": args.lora_rank, "dims": model_dims(vlm)}
+    elif peak_tflops is None:  # measured here, under the same threads and load as the steps
+        shapes = gemm_shapes(dims[1], int(batches[0]["attention_mask"].sum()), loss_chunk(vlm))
+        gemm_peaks = measure_cpu_peaks(shapes, dtype)
+        peak_tflops = gemm_peaks[str(dtype).removeprefix("torch.")]["peak_flops"] / 1e12
+    steps = run_rounds(models, optimizers, batches, autocast)
+    flops_config = {"mode": args.mode, "lora_rank": args.lora_rank, "dims": dims}
     per_impl = {
         impl: impl_summary(
             impl,
@@ -146,12 +187,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             args,
             resident=resident_bytes(model, optimizers[impl]),
             trainable=trainable_parameters(model),
-            flops_config=flops_config,
+            flops_config={**flops_config, "lora": adapted_linears(model)},
             peak_tflops=peak_tflops,
         )
         for impl, model in models.items()
     }
-    return summarize(args, device, dtype, stats, per_impl, steps)
+    results = summarize(args, device, dtype, stats, per_impl, steps)
+    results["gemm_peaks"] = gemm_peaks
+    results["peak_gemm_flops"] = None if peak_tflops is None else peak_tflops * 1e12
+    return results
 
 
 def run_rounds(
@@ -190,8 +234,9 @@ def impl_summary(
     seconds = sum(step.seconds for step in timed)
     vision, language = flops_config["dims"]
     rank = 0 if flops_config["mode"] == "projector" else flops_config["lora_rank"]
+    lora = flops_config["lora"] if rank else None
     flops = sum(
-        step_flops(vision, language, batch, impl=impl, lora_rank=rank)["total"]
+        step_flops(vision, language, batch, lora_rank=rank, lora=lora)["total"]
         for batch in timed_stats
     )
     transient = max(step.transient_peak_bytes for step in timed)
@@ -243,6 +288,10 @@ def summarize(
         "impls": per_impl,
         "first_loss_max_abs_diff": None,
         "median_step_ratio_ours_over_reference": None,
+        # The issue's headline numbers: paired step-time ratio, peak-memory ratio, our MFU.
+        "ratio_step_time": None,
+        "ratio_peak_memory": None,
+        "mfu": per_impl.get("ours", {}).get("mfu"),
         "memory_note": MEMORY_NOTE["cuda" if device.type == "cuda" else "cpu"],
     }
     if len(per_impl) == 2:
@@ -250,6 +299,10 @@ def summarize(
         results["first_loss_max_abs_diff"] = abs(ours[0].loss - reference[0].loss)
         ratios = [a.seconds / b.seconds for a, b in zip(ours, reference, strict=True)]
         results["median_step_ratio_ours_over_reference"] = statistics.median(ratios[args.warmup :])
+        results["ratio_step_time"] = results["median_step_ratio_ours_over_reference"]
+        results["ratio_peak_memory"] = (
+            per_impl["ours"]["peak_memory_gib"] / per_impl["reference"]["peak_memory_gib"]
+        )
     return results
 
 
@@ -279,8 +332,15 @@ def markdown_table(results: dict) -> str:
             "",
             f"first-step loss max |ours - reference|: {results['first_loss_max_abs_diff']:.3e}",
             "median paired step-time ratio ours/reference: "
-            f"{results['median_step_ratio_ours_over_reference']:.3f}",
+            f"{results['median_step_ratio_ours_over_reference']:.3f}, "
+            f"peak-memory ratio {results['ratio_peak_memory']:.3f}",
         ]
+    for dtype, peak in (results.get("gemm_peaks") or {}).items():
+        role = "MFU's denominator" if dtype == config["dtype"] else "for reference"
+        lines.append(
+            f"measured {dtype} matmul peak ({role}): "
+            f"{peak['peak_flops'] / 1e9:.1f} GFLOP/s, {peak['threads']} threads"
+        )
     lines.append(f"memory: {results['memory_note']}")
     return "\n".join(lines)
 

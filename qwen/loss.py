@@ -6,7 +6,10 @@ during its backward (recomputed, not stored), so the loss holds one chunk's logi
 batch's. At Qwen's 151,936-token vocabulary fp32 logits cost 0.6 MB per token: 16 x 2048 mostly
 supervised tokens would need 18 GB for them alone (and as much again for their gradient), a
 512-token chunk needs 0.3 GB. The value and the gradients equal one `F.cross_entropy` over all
-supervised logits (tests/test_chunked_loss.py); the price is a second `lm_head` matmul per chunk.
+supervised logits (tests/test_chunked_loss.py); the price is a second `lm_head` matmul per chunk,
+except where the head is a plain frozen `nn.Linear` (LoRA and projector training): its input
+gradient, `(softmax - one_hot) @ W`, is then formed in the forward while the chunk's logits exist,
+so a chunk costs two head matmuls instead of three (`_FrozenHeadCrossEntropy`).
 
 `QWenLMHeadModel` calls it with its `lm_head`; `model/vlm.py` calls it for any other LLM with the
 LLM's output embeddings, so every LLM trains on the same loss. `sequence_log_probs` sums the same
@@ -16,6 +19,7 @@ chunked per-token terms by row: the log-probability of each answer that preferen
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
@@ -88,6 +92,13 @@ def supervised_cross_entropy(
         # A zero that still reaches every trainable parameter's graph, so DDP ranks do not wait
         # on each other forever.
         return lm_head(picked).float().sum() + hidden_states.sum() * 0.0
+    if _is_plain_frozen_linear(lm_head) and picked.requires_grad:
+        head = (lm_head.weight, lm_head.bias)
+        chunks = zip(picked.split(chunk_size), targets.split(chunk_size), strict=True)
+        total = sum(
+            _FrozenHeadCrossEntropy.apply(hidden, *head, target) for hidden, target in chunks
+        )
+        return total / picked.shape[0]
     return _token_losses(picked, targets, lm_head, chunk_size).sum() / picked.shape[0]
 
 
@@ -111,6 +122,45 @@ def sequence_log_probs(
     if picked.shape[0]:
         sums = sums.index_add(0, rows, -_token_losses(picked, targets, lm_head, chunk_size))
     return sums, counts
+
+
+def _is_plain_frozen_linear(lm_head: nn.Module) -> bool:
+    """An `nn.Linear` (not a subclass or a wrapper) whose parameters take no gradient and that no
+    hook watches (DeepSpeed ZeRO-3 gathers weights in hooks): calling it is `F.linear` on its
+    weight, so the loss may use the weight directly."""
+    return (
+        type(lm_head) is nn.Linear
+        and not any(p.requires_grad for p in lm_head.parameters())
+        and not (lm_head._forward_pre_hooks or lm_head._forward_hooks)
+    )
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of one chunk through a frozen linear head, `hidden [C, H]` in.
+
+    Forward builds the chunk's fp32 logits once, takes the loss as `_SummedCrossEntropy` does,
+    turns the logits into `softmax - one_hot` in place and multiplies by the weight: the input
+    gradient `[C, H]` is all it keeps. Backward only scales it. Two head matmuls per chunk,
+    against the checkpointed path's three (forward, recompute, input gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = F.linear(hidden, weight, bias).float()  # [C, V]
+        log_probs = torch.log_softmax(logits, dim=-1)  # [C, V]
+        target_log_probs = log_probs.gather(1, targets[:, None]).squeeze(1)  # [C]
+        del log_probs
+        lse = logits.gather(1, targets[:, None]).squeeze(1) - target_log_probs  # [C]
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax [C, V]
+        probs.scatter_add_(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
+        ctx.save_for_backward(probs.to(weight.dtype) @ weight)  # d loss / d hidden, [C, H]
+        return -target_log_probs.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (hidden_grad,) = ctx.saved_tensors
+        return hidden_grad * grad.to(hidden_grad.dtype), None, None, None
 
 
 def _chunk_loss(

@@ -19,7 +19,10 @@ from bench.flops import (
     vision_block_params,
     vision_forward_flops,
 )
-from bench.models import PRESETS, build_ours, model_dims
+from bench.models import adapted_linears, build_llm, build_ours, model_dims
+from bench.presets import PRESETS
+from model.config import LoraSettings
+from model.trainable import configure_trainable
 
 IMPL_FIELDS = {
     "median_step_s",
@@ -43,11 +46,14 @@ def test_tiny_benchmark_runs_both_implementations(tmp_path):
         assert set(impl) >= IMPL_FIELDS
         assert 0.0 <= impl["padding_fraction"] < 1.0
         assert impl["median_step_s"] > 0 and impl["achieved_tflops"] > 0
-        assert impl["mfu"] is None  # no peak is known for a CPU
+        assert 0 < impl["mfu"] < 1  # against the matmul peak measured in the run
         assert len(impl["losses"]) == 3
     assert results["first_loss_max_abs_diff"] < 1e-5
     assert results["median_step_ratio_ours_over_reference"] > 0
     assert "| ours |" in table.read_text() and "| reference |" in table.read_text()
+    assert results["ratio_step_time"] == results["median_step_ratio_ours_over_reference"]
+    assert results["ratio_peak_memory"] > 0 and results["mfu"] == results["impls"]["ours"]["mfu"]
+    assert results["peak_gemm_flops"] == results["gemm_peaks"]["float32"]["peak_flops"]
 
 
 def test_impossible_setups_are_refused():
@@ -55,6 +61,25 @@ def test_impossible_setups_are_refused():
         train_step.main(["--mode", "qlora", "--device", "cpu"])
     with pytest.raises(ValueError, match="--scale qwen7b-clip336 .* meant for a GPU"):
         train_step.main(["--scale", "qwen7b-clip336", "--device", "cpu"])
+
+
+def test_real_width_cpu_presets_count_their_flops_from_the_model():
+    """Qwen2-0.5B's sizes (GQA, tied head) and a QWen of its width; LoRA on every block linear."""
+    with torch.device("meta"):
+        assert build_llm(PRESETS["qwen0.5b-clipb16"]).num_parameters() == 494_032_768  # Qwen2-0.5B
+    # c_proj names both the attention output and the MLP down projection in QWen
+    for scale, targets in (("qwen0.5b-clipb16", 7), ("qwen0.5b-clipb16-native", 5)):
+        preset = PRESETS[scale].with_layers(1)
+        vlm = build_ours(preset, device="cpu", dtype=torch.float32)
+        _, language = model_dims(vlm)
+        embeddings = vlm.llm.get_input_embeddings().weight
+        head = vlm.llm.get_output_embeddings().weight
+        heads = embeddings.numel() + (0 if head is embeddings else head.numel())
+        assert llm_nonembedding_params(language) == vlm.llm.num_parameters() - heads
+        assert vlm.num_image_tokens == 196 and language.hidden_size == 896
+        settings = LoraSettings(lora_rank=2, target_modules=preset.lora_targets)
+        configure_trainable(vlm, settings)
+        assert len(adapted_linears(vlm.llm)) == targets
 
 
 def test_flops_match_a_hand_count():
@@ -70,8 +95,8 @@ def test_flops_match_a_hand_count():
         VisionDims(4, 8, 1, 2, 4, True),
         language,
         {"sequence_lengths": [3, 5], "supervised_tokens": 2},
-        impl="ours",
         lora_rank=2,
+        lora=[(4, 12), (4, 8), (4, 8)] * 2,  # ours: c_attn, w1, w2 in each of the two layers
     )
     assert lora["llm"] == 11648 + 3 * 544 + 6 * 2 * 40 * 2 * 8 + 320
     # vision block 4*(16+4) + 2*4*8 + 8 + 4 + 16 = 172; 5 tokens with CLS; patch embed 2*48*4

@@ -76,6 +76,31 @@ def test_value_and_gradients_equal_one_cross_entropy(chunk_size):
         torch.testing.assert_close(got, want, **TOLERANCE)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_frozen_head_gives_the_same_loss_with_two_matmuls_per_chunk(bias):
+    """LoRA training's head is a frozen Linear: its input gradient is formed in the forward, so
+    the FLOPs are the logits and that gradient, where the checkpointed path recomputes the logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    lm_head = nn.Linear(HIDDEN, VOCAB, bias=bias).requires_grad_(False)
+    hidden = torch.randn(3, 20, HIDDEN, requires_grad=True)  # [B, T, H]
+    labels = random_labels(3, 20, supervised_from=9)  # 3 x 11 = 33 supervised tokens
+    with FlopCounterMode(display=False) as counter:
+        chunked = supervised_cross_entropy(hidden, labels, lm_head, CHUNK)
+        chunked.backward()
+    assert counter.get_total_flops() == 2 * (2 * 33 * HIDDEN * VOCAB)
+    chunked_grad = gradients(hidden)[0]
+    expected = reference_loss(hidden, labels, lm_head)
+    expected.backward()
+    torch.testing.assert_close(chunked, expected, **TOLERANCE)
+    torch.testing.assert_close(chunked_grad, gradients(hidden)[0], **TOLERANCE)
+    lm_head.register_forward_pre_hook(lambda module, args: None)  # a hook: the module is called
+    with FlopCounterMode(display=False) as counter:
+        supervised_cross_entropy(hidden, labels, lm_head, CHUNK).backward()
+    assert counter.get_total_flops() == 3 * (2 * 33 * HIDDEN * VOCAB)
+
+
 def test_no_supervised_token_gives_an_attached_zero():
     lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
     hidden = torch.randn(2, 6, HIDDEN, requires_grad=True)

@@ -584,3 +584,13 @@ def test_throughput_benchmark_generates_what_llava_generates(tmp_path):
     assert [row["batch_size"] for row in rows] == [1, 3]
     assert all(row["same_tokens"] for row in rows)  # equal weights, greedy: equal tokens
     assert json.loads(out.read_text()) == rows
+
+
+def test_throughput_benchmark_at_a_preset_times_the_first_token(tmp_path):
+    from bench import eval_throughput
+
+    argv = "--scale tiny --questions 2 --batch_sizes 2 --max_new_tokens 2 --no-answer_batch"
+    (row,) = eval_throughput.main(argv.split())
+    assert row["same_tokens"]  # the preset's random weights in both, greedy
+    assert row["ours_first_token_s"] > 0 and row["reference_first_token_s"] > 0
+    assert row["answer_batch_questions_per_s"] is None

@@ -8,9 +8,9 @@ from PIL import Image
 from torch import nn
 
 from bench.reference_llava import (
-    REFERENCE_LORA_PER_LAYER,
     apply_reference_lora,
     build_reference_llava,
+    reference_lora_targets,
     reference_projector,
 )
 from demo.tiny_towers import save_tiny_siglip_tower
@@ -80,7 +80,8 @@ def test_lora_keeps_the_loss_and_the_projector_gradient(tiny_qwen_dir, tiny_clip
     vlm = tiny_vlm(tiny_qwen_dir, tiny_clip_dir)
     reference = build_reference_llava(vlm)
     configure_trainable(vlm, LoraSettings(lora_rank=4, lora_alpha=8, lora_dropout=0.0))
-    reference = apply_reference_lora(reference, rank=4, alpha=8, dropout=0.0)
+    targets = reference_lora_targets("c_attn|w1|w2", native=True)
+    reference = apply_reference_lora(reference, rank=4, alpha=8, dropout=0.0, targets=targets)
     batch = make_batch(vlm)
     ours, theirs = vlm(**batch).loss, reference(**batch).loss
     assert abs(ours.item() - theirs.item()) < 1e-5
@@ -92,21 +93,30 @@ def test_lora_keeps_the_loss_and_the_projector_gradient(tiny_qwen_dir, tiny_clip
     assert torch.allclose(our_grad, their_grad, rtol=0, atol=1e-5)
 
 
-def test_reference_lora_sits_in_the_language_model_only(tiny_qwen_dir, tiny_clip_dir):
+@pytest.mark.parametrize(
+    ("ours", "expected"),
+    [
+        ("c_attn|w1|w2", {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+        (
+            "c_attn|c_proj|w1|w2",
+            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        ),
+    ],
+)
+def test_reference_lora_sits_in_the_language_model_only(
+    tiny_qwen_dir, tiny_clip_dir, ours, expected
+):
     vlm = tiny_vlm(tiny_qwen_dir, tiny_clip_dir)
-    reference = apply_reference_lora(build_reference_llava(vlm), rank=4, alpha=8, dropout=0.0)
+    targets = reference_lora_targets(ours, native=True)
+    reference = apply_reference_lora(
+        build_reference_llava(vlm), rank=4, alpha=8, dropout=0.0, targets=targets
+    )
     adapted = [n for n, m in reference.named_modules() if hasattr(m, "lora_A") and "lora_" not in n]
     layers = vlm.llm.config.num_hidden_layers
-    assert len(adapted) == layers * REFERENCE_LORA_PER_LAYER
+    assert len(adapted) == layers * len(expected)
     assert all(".language_model.layers." in name for name in adapted)
     assert not any("vision_tower" in name for name in adapted)
-    assert {name.rsplit(".", 1)[-1] for name in adapted} == {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "gate_proj",
-        "up_proj",
-    }
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == expected
     trainable = [n for n, p in reference.named_parameters() if p.requires_grad]
     assert all("lora_" in n or ".multi_modal_projector." in n for n in trainable)
     assert any(".multi_modal_projector.linear_1." in n for n in trainable)
