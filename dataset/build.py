@@ -54,14 +54,7 @@ def build_supervised_dataset(
         allow_outside_image_folder=allow_outside_image_folder,
         cache_dir=cache_dir,
     )
-    sizes_of = None
-    if read_image_size is not None and image_folder is not None:
-        sizes_of = functools.partial(
-            image_sizes_from_headers,
-            read_image_size,
-            Path(image_folder),
-            allow_outside_image_folder,
-        )
+    sizes_of = header_sizes_reader(read_image_size, image_folder, allow_outside_image_folder)
     samples, stats = tokenize_records(
         records,
         processor,
@@ -83,6 +76,20 @@ def build_supervised_dataset(
         feature_cache=feature_cache,
         allow_outside_image_folder=allow_outside_image_folder,
         source=str(path),
+    )
+
+
+def header_sizes_reader(
+    read_image_size: Callable[[Path], tuple[int, int]] | None,
+    image_folder: str | os.PathLike | None,
+    allow_outside_image_folder: bool,
+) -> Callable[[Sequence[str]], list[tuple[int, int]]] | None:
+    """`image_sizes_of(record's image paths)` for tokenization, or None without a reader or a
+    folder (a fixed-grid processor never asks)."""
+    if read_image_size is None or image_folder is None:
+        return None
+    return functools.partial(
+        image_sizes_from_headers, read_image_size, Path(image_folder), allow_outside_image_folder
     )
 
 

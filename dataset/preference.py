@@ -17,8 +17,6 @@ then pair 1, ...): the preference step runs the tower once and gives both rows t
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,11 +30,11 @@ import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
-from dataset.build import image_sizes_from_headers
+from dataset.build import header_sizes_reader
 from dataset.conversation import IGNORE_INDEX, ChatBlocks, encode_text
 from dataset.loading import load_records
 from dataset.processor import VLMProcessor
-from dataset.samples import records_fingerprint, tokenizer_fingerprint
+from dataset.samples import map_with_processor
 from dataset.supervised import SupervisedDataset
 
 if TYPE_CHECKING:
@@ -105,25 +103,16 @@ def tokenize_pairs(
     """Tokenize preference `records` (columns of `dataset.loading`) once, cached on disk; raises
     ValueError naming `source` when no pair fits `model_max_length`. `image_sizes_of` as in
     `dataset.samples.tokenize_records` (needed when the image token count depends on the size)."""
-    if processor.fixed_num_image_tokens is not None:
-        image_sizes_of = None  # one count for every image: no file needs opening
-    settings = {
-        "processor": processor,
-        "model_max_length": model_max_length,
-        "image_sizes_of": image_sizes_of,
-        "source": source,
-    }
-    key = f"pairs|{PAIR_VERSION}|{records_fingerprint(records)}|"
-    key += f"{tokenizer_fingerprint(processor.tokenizer)}|{processor.image_token_id}|"
-    key += f"{processor.image_processor!r}|{model_max_length}|{processor.system_prompt!r}"
-    pairs = records.map(
+    pairs, _ = map_with_processor(
+        records,
         _tokenize_pairs,
-        batched=True,
-        fn_kwargs=settings,
-        remove_columns=records.column_names,
-        features=PAIR_FEATURES,
+        processor,
+        model_max_length=model_max_length,
+        image_sizes_of=image_sizes_of,
         num_proc=num_proc,
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        source=source,
+        features=PAIR_FEATURES,
+        version=f"pairs|{PAIR_VERSION}",
         desc="tokenizing preference pairs",
     )
     if len(pairs) == 0:
@@ -212,14 +201,7 @@ def build_preference_dataset(
         cache_dir=cache_dir,
         preference=True,
     )
-    sizes_of = None
-    if read_image_size is not None and image_folder is not None:
-        sizes_of = functools.partial(
-            image_sizes_from_headers,
-            read_image_size,
-            Path(image_folder),
-            allow_outside_image_folder,
-        )
+    sizes_of = header_sizes_reader(read_image_size, image_folder, allow_outside_image_folder)
     pairs = tokenize_pairs(
         records, processor, model_max_length=model_max_length, image_sizes_of=sizes_of,
         source=str(path),

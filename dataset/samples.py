@@ -200,6 +200,47 @@ def _log_length_cuts(
         logger.warning("dropped record ids (first 5): %s", dropped[:5].to_pylist())
 
 
+def map_with_processor(
+    records: datasets.Dataset,
+    function: Callable[..., dict[str, list]],
+    processor: VLMProcessor,
+    *,
+    model_max_length: int,
+    image_sizes_of: Callable[[Sequence[str]], list[tuple[int, int]]] | None,
+    num_proc: int | None,
+    source: str,
+    features: datasets.Features,
+    version: str,
+    desc: str,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """`records.map(function)` (batched) with the processor's settings as its keyword arguments,
+    cached on disk under a key of the records, the processor and the length; returns the mapped
+    table and those settings. Header sizes are read only when the count depends on them."""
+    if processor.fixed_num_image_tokens is not None:
+        image_sizes_of = None  # one count for every image: no file needs opening
+    settings = {
+        "processor": processor,
+        "model_max_length": model_max_length,
+        "image_sizes_of": image_sizes_of,
+        "source": source,
+    }
+    # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
+    key = f"{version}|{records_fingerprint(records)}|"
+    key += f"{tokenizer_fingerprint(processor.tokenizer)}|{processor.image_token_id}|"
+    key += f"{processor.image_processor!r}|{model_max_length}|{processor.system_prompt!r}"
+    mapped = records.map(
+        function,
+        batched=True,
+        fn_kwargs=settings,
+        remove_columns=records.column_names,
+        features=features,
+        num_proc=num_proc,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        desc=desc,
+    )
+    return mapped, settings
+
+
 def tokenize_records(
     records: datasets.Dataset,
     processor: VLMProcessor,
@@ -225,26 +266,16 @@ def tokenize_records(
         raise ValueError(
             "the processor's token count depends on the image size: give image_sizes_of"
         )
-    if processor.fixed_num_image_tokens is not None:
-        image_sizes_of = None  # one count for every image: no file needs opening
-    settings = {
-        "processor": processor,
-        "model_max_length": model_max_length,
-        "image_sizes_of": image_sizes_of,
-        "source": source,
-    }
-    # An explicit fingerprint: hashing the tokenizer object itself is slow and not stable.
-    key = f"{TOKENIZE_VERSION}|{records_fingerprint(records)}|"
-    key += f"{tokenizer_fingerprint(processor.tokenizer)}|{processor.image_token_id}|"
-    key += f"{processor.image_processor!r}|{model_max_length}|{processor.system_prompt!r}"
-    samples = records.map(
+    samples, settings = map_with_processor(
+        records,
         _tokenize_batch,
-        batched=True,
-        fn_kwargs=settings,
-        remove_columns=records.column_names,
-        features=SAMPLE_FEATURES,
+        processor,
+        model_max_length=model_max_length,
+        image_sizes_of=image_sizes_of,
         num_proc=num_proc,
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        source=source,
+        features=SAMPLE_FEATURES,
+        version=str(TOKENIZE_VERSION),
         desc="tokenizing records",
     )
     if len(samples) == 0:
