@@ -51,33 +51,52 @@ def build_batch(
 ) -> dict[str, torch.Tensor]:
     """One right-padded batch: input_ids, attention_mask, labels `[B, T]`, pixel_values; the
     last `supervised_fraction` of each sample's text tokens carry labels."""
-    if max_length < num_image_tokens + HEADER_TOKENS + 2:
+    batch = text_batch(
+        text_lengths,
+        image_tokens=[num_image_tokens] * len(text_lengths),
+        max_length=max_length,
+        image_token_id=image_token_id,
+        generator=generator,
+        supervised_fraction=supervised_fraction,
+    )
+    pixel_values = torch.randn(
+        (len(text_lengths), 3, image_size, image_size), generator=generator
+    )  # [B, 3, H, W]
+    return {**batch, "pixel_values": pixel_values}
+
+
+def text_batch(
+    text_lengths: list[int],
+    *,
+    image_tokens: list[int],
+    max_length: int,
+    image_token_id: int,
+    generator: torch.Generator,
+    supervised_fraction: float = SUPERVISED_FRACTION,
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels `[B, T]` of samples with one image each: row i holds
+    `image_tokens[i]` placeholders after the header, its text cut to fit `max_length`."""
+    longest = max(image_tokens)
+    if max_length < longest + HEADER_TOKENS + 2:
         raise ValueError(
             f"--max_length {max_length} leaves no room for text around the "
-            f"{num_image_tokens} image tokens; use at least {num_image_tokens + HEADER_TOKENS + 2}"
+            f"{longest} image tokens; use at least {longest + HEADER_TOKENS + 2}"
         )
-    texts = [min(length, max_length - num_image_tokens) for length in text_lengths]
-    lengths = [text + num_image_tokens for text in texts]
+    texts = [min(n, max_length - k) for n, k in zip(text_lengths, image_tokens, strict=True)]
+    lengths = [text + k for text, k in zip(texts, image_tokens, strict=True)]
     batch, width = len(lengths), max(lengths)
     input_ids = torch.full((batch, width), PAD_TOKEN_ID, dtype=torch.long)  # [B, T]
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
     attention_mask = torch.zeros((batch, width), dtype=torch.long)  # [B, T]
-    for row, (text, length) in enumerate(zip(texts, lengths, strict=True)):
+    rows = zip(texts, lengths, image_tokens, strict=True)
+    for row, (text, length, tokens) in enumerate(rows):  # a few rows, not tokens
         input_ids[row, :length] = torch.randint(0, REGULAR_VOCAB, (length,), generator=generator)
         header = min(HEADER_TOKENS, text - 1)
-        input_ids[row, header : header + num_image_tokens] = image_token_id
+        input_ids[row, header : header + tokens] = image_token_id
         answer = max(1, math.ceil(supervised_fraction * text))
         labels[row, length - answer : length] = input_ids[row, length - answer : length]
         attention_mask[row, :length] = 1
-    pixel_values = torch.randn(
-        (batch, 3, image_size, image_size), generator=generator
-    )  # [B, 3, H, W]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values": pixel_values,
-        "labels": labels,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def synthetic_batches(
@@ -115,8 +134,11 @@ def synthetic_batches(
     ]
 
 
-def batch_stats(batch: dict[str, torch.Tensor]) -> dict[str, int | float | list[int]]:
-    """Non-padding tokens, supervised (next-token) targets, sequence lengths, padding fraction."""
+def batch_stats(
+    batch: dict[str, torch.Tensor], image_token_id: int | None = None
+) -> dict[str, int | float | list[int]]:
+    """Non-padding tokens, supervised (next-token) targets, sequence lengths, padding fraction,
+    the images the tower encodes (AnyRes: every tile), placeholders (given `image_token_id`)."""
     mask = batch["attention_mask"]
     lengths = mask.sum(dim=1).tolist()
     tokens = int(sum(lengths))
@@ -126,4 +148,8 @@ def batch_stats(batch: dict[str, torch.Tensor]) -> dict[str, int | float | list[
         "supervised_tokens": supervised,
         "sequence_lengths": [int(n) for n in lengths],
         "padding_fraction": 1.0 - tokens / mask.numel(),
+        "tower_images": int(batch["pixel_values"].shape[0]),
+        "image_tokens": None
+        if image_token_id is None
+        else int((batch["input_ids"] == image_token_id).sum()),
     }

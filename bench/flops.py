@@ -114,8 +114,9 @@ def step_flops(
 ) -> dict[str, float]:
     """Per-component and total FLOPs of one step on `batch` (from bench.batches.batch_stats);
     `lora`: (d_in, d_out) of every adapted linear (bench.models.adapted_linears)."""
-    images = len(batch["sequence_lengths"])  # one image per sample
-    image_tokens = images * vision.image_tokens
+    # the tower's inputs: one image per sample, or an AnyRes image's base tile and grid tiles
+    images = batch.get("tower_images", len(batch["sequence_lengths"]))
+    image_tokens = images * vision.image_tokens  # the projector runs on every tile's N tokens
     parts = {
         "vision": vision_forward_flops(vision, images),
         "projector": projector_train_flops(vision.hidden_size, language.hidden_size, image_tokens),

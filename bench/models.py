@@ -27,13 +27,15 @@ from bench.reference_llava import (
     build_reference_llava,
     copy_weights,
     reference_lora_targets,
+    trainable_image_path,
 )
 from model.builder import compose_vlm, load_language_model
-from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig
+from model.config import LanguageModelConfig, LoraSettings, ProjectorConfig, VisionConfig
 from model.trainable import configure_trainable
 from model.vlm import VisionLanguageModel
 from qwen import IMAGE_TOKEN, QWenConfig, QWenLMHeadModel, QWenTokenizer
 from visual.hf_tower import HFVisionTower, default_preprocessor, vision_model_class
+from visual.preprocessing import ASPECT_RATIOS
 from visual.tower import resolve_feature_layer
 
 logger = logging.getLogger(__name__)
@@ -63,21 +65,39 @@ def vision_config(preset: ScalePreset):
 
 
 def build_ours(
-    preset: ScalePreset, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+    preset: ScalePreset,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    image_aspect_ratio: str = "pad",
+    image_grid_pinpoints: list[list[int]] | None = None,
 ) -> VisionLanguageModel:
     """Random-weight VLM: QWen (or Qwen2) + CLIP/SigLIP (feature layer -2) in `dtype`, fp32
-    projector. A Qwen2 LLM uses Qwen's tokenizer and `<|extra_0|>` as the image token."""
+    projector. A Qwen2 LLM uses Qwen's tokenizer and `<|extra_0|>` as the image token.
+    `image_aspect_ratio` "anyres": the AnyRes projector tiling `image_grid_pinpoints` (None:
+    training's default), composed by `model.builder` as training composes it."""
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"--image_aspect_ratio {image_aspect_ratio!r}: one of {ASPECT_RATIOS}")
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
         llm = build_llm(preset)
         tower_config = vision_config(preset)
         tower_model = vision_model_class(tower_config.model_type)(tower_config)
     llm.config.use_cache = False
-    preprocessor = default_preprocessor(tower_config, "pad")
-    vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2)
+    preprocessor = default_preprocessor(tower_config, image_aspect_ratio)
+    settings = {
+        "library": "transformers",
+        "feature_layer": -2,
+        "image_aspect_ratio": image_aspect_ratio,
+    }
+    vision = HFVisionTower(tower_model, preprocessor, feature_layer=-2, settings=settings)
     image_token = None if preset.qwen2 is None else IMAGE_TOKEN
+    tiling = VisionConfig(image_grid_pinpoints=image_grid_pinpoints)
     with torch.device(device):
-        return compose_vlm(llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"), image_token)
+        return compose_vlm(
+            llm, QWenTokenizer(), vision, ProjectorConfig("mlp2x_gelu"), image_token, tiling
+        )
 
 
 def build_llm(preset: ScalePreset) -> nn.Module:
@@ -135,15 +155,25 @@ def prepare_models(
     lora: LoraSettings,
     gradient_checkpointing: bool = False,
     seed: int = 0,
+    image_aspect_ratio: str = "pad",
+    image_grid_pinpoints: list[list[int]] | None = None,
 ) -> tuple[dict[str, nn.Module], VisionLanguageModel]:
     """Models ready to train, keyed by impl, on identical weights; and our VLM (for its sizes).
 
     `mode`: lora (LoRA on the LLM + projector), qlora (the same on a 4-bit NF4 base), projector
-    (stage 1: the projector alone). `lora.train_mode` is set from `mode`.
+    (stage 1: the projector alone). `lora.train_mode` is set from `mode`. `image_aspect_ratio`
+    anyres: ours with the AnyRes projector, the reference a LLaVA-NeXT (`build_ours`).
     """
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    vlm = build_ours(preset, device=device, dtype=dtype, seed=seed)
+    vlm = build_ours(
+        preset,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        image_aspect_ratio=image_aspect_ratio,
+        image_grid_pinpoints=image_grid_pinpoints,
+    )
     vlm.train()
     reference = build_reference_llava(vlm) if "reference" in impls else None
     if mode == "qlora":
@@ -185,7 +215,8 @@ def configure_reference(
     llava.model.vision_tower.eval()
     if mode == "projector":
         llava.requires_grad_(False)
-        llava.model.multi_modal_projector.requires_grad_(True)
+        for param in trainable_image_path(llava):
+            param.requires_grad_(True)
         return llava
     torch.manual_seed(seed)
     targets = reference_lora_targets(settings.target_modules, native=vlm.native_splice)

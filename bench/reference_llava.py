@@ -7,6 +7,11 @@ exact QWen -> Qwen2 mapping of qwen1-spec.md C.6), each weight copied in its own
 then compute the same function in training mode (no dynamic NTK / logn), so the same batch gives
 the same loss, and timing the two compares implementations, not models.
 
+An AnyRes VLM (`model.anyres.AnyResProjector`) becomes a `LlavaNextForConditionalGeneration`
+instead, through the LLaVA-NeXT export's mapping (runtime/export/llava_next.py: the same names plus
+`image_grid_pinpoints` and `model.image_newline`); it takes its own processor's inputs
+(`pixel_values` [n_img, max tiles, 3, S, S], `image_sizes`) and lays out the tiles itself.
+
 `apply_reference_lora` is the reference's counterpart of our LoRA: `reference_lora_targets` turns
 our `--target_modules` into the Qwen2 modules that hold the same weights (QWen's c_attn -> q/k/v,
 adapted separately, so the reference trains 6rH instead of 4rH attention-LoRA parameters per layer;
@@ -19,10 +24,16 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 
+from model.anyres import AnyResProjector
 from model.vlm import VisionLanguageModel
 from runtime.export.llava import build_llava
+from runtime.export.llava_next import llava_next_config, llava_next_state_dict
 
 # Our LoRA target names -> the Qwen2 modules (under a decoder layer) that hold those weights.
 QWEN_TO_QWEN2_LINEARS = {
@@ -54,19 +65,51 @@ def reference_lora_targets(target_modules: str, native: bool) -> str:
 
 
 @torch.no_grad()
-def build_reference_llava(vlm: VisionLanguageModel) -> LlavaForConditionalGeneration:
-    """A stock LLaVA holding copies of `vlm`'s weights, each in its own dtype, on the same device.
+def build_reference_llava(
+    vlm: VisionLanguageModel,
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """A stock LLaVA (LLaVA-NeXT for an AnyRes `vlm`) holding copies of `vlm`'s weights, each in
+    its own dtype, on the same device.
 
     Call it before LoRA is applied to `vlm`. Modes follow ours: the vision tower stays in eval
     mode, the rest in the mode `vlm` is in. A mixed-dtype VLM (fp32 projector, bf16 LLM) runs
     under autocast, as the HF Trainer runs it with `bf16=True`. No KV cache: it only trains.
     """
-    llava = build_llava(vlm)
+    anyres = isinstance(vlm.projector, AnyResProjector)
+    llava = build_llava_next(vlm) if anyres else build_llava(vlm)
     llava.config.text_config.use_cache = False
     llava.requires_grad_(False)
     llava.train(vlm.training)
     llava.model.vision_tower.eval()  # frozen towers never train (visual/tower.py)
     return llava
+
+
+@torch.no_grad()
+def build_llava_next(vlm: VisionLanguageModel) -> LlavaNextForConditionalGeneration:
+    """A LLaVA-NeXT holding copies (never views: both models train) of an AnyRes `vlm`'s weights,
+    each part in its own dtype: the LLM's, the tower's, and the projector's for `image_newline`,
+    which trains with the projector in ours."""
+    llm_weight = vlm.llm.get_input_embeddings().weight
+    with torch.device(llm_weight.device):
+        model = AutoModelForImageTextToText.from_config(
+            llava_next_config(vlm), dtype=llm_weight.dtype, attn_implementation="sdpa"
+        )
+    if not isinstance(model, LlavaNextForConditionalGeneration):
+        raise TypeError(f"LlavaNextConfig built a {type(model).__name__}, expected LLaVA-NeXT")
+    model.model.vision_tower.to(dtype=next(vlm.vision.model.parameters()).dtype)
+    projector_dtype = next(vlm.projector.parameters()).dtype
+    model.model.multi_modal_projector.to(dtype=projector_dtype)
+    model.model.image_newline.data = model.model.image_newline.data.to(projector_dtype)
+    model.load_state_dict(llava_next_state_dict(vlm), strict=True)  # copies into its own tensors
+    return model
+
+
+def trainable_image_path(model: nn.Module) -> list[nn.Parameter]:
+    """What trains in the reference besides LoRA: the projector, and LLaVA-NeXT's image_newline."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    params = list(base.model.multi_modal_projector.parameters())
+    newline = getattr(base.model, "image_newline", None)
+    return params + ([newline] if newline is not None else [])
 
 
 def copy_weights(source: nn.Module, target: nn.Module) -> None:
@@ -76,10 +119,14 @@ def copy_weights(source: nn.Module, target: nn.Module) -> None:
 
 
 def apply_reference_lora(
-    llava: LlavaForConditionalGeneration, rank: int, alpha: int, dropout: float, targets: str
+    llava: LlavaForConditionalGeneration | LlavaNextForConditionalGeneration,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    targets: str,
 ) -> PeftModel:
-    """LoRA on the language model's `targets` (`reference_lora_targets`); the projector trains
-    in full.
+    """LoRA on the language model's `targets` (`reference_lora_targets`); the projector (and
+    LLaVA-NeXT's image_newline) trains in full.
 
     Everything else (vision tower, embeddings, norms, lm_head) is frozen. peft's LoRA weights
     start with B = 0, so the wrapped model computes exactly what `llava` did.
@@ -94,7 +141,8 @@ def apply_reference_lora(
     peft_model = get_peft_model(llava, lora)
     # requires_grad rather than modules_to_save: no second copy of the projector, and the same
     # parameter tensors stay reachable as `...multi_modal_projector.linear_1.weight`.
-    llava.model.multi_modal_projector.requires_grad_(True)
+    for param in trainable_image_path(llava):
+        param.requires_grad_(True)
     return peft_model
 
 

@@ -3,11 +3,14 @@
 python -m bench.train_step --scale tiny --steps 20 --warmup 3 --batch_size 8 [--mode projector]
 python -m bench.train_step --scale qwen7b-clip336 --batch_size 4 --gradient-checkpointing
 python -m bench.train_step --scale qwen0.5b-clipb16 --steps 2 --warmup 1 --out FILE.json
+python -m bench.train_step --scale tiny --image_aspect_ratio anyres [--image_grid_pinpoints ...]
 
 The second is for a GPU: both 7B models are resident at once (2 x 15 GiB in bf16). The third is
 real width on a CPU (Qwen2-0.5B's dimensions through `inputs_embeds`, CLIP-B/16, 2 x 1024 tokens;
 `qwen0.5b-clipb16-native` is a native QWen of the same size); `--layers N` cuts the LLM's depth.
-On a CPU the MFU's peak is measured in the same run (bench/gemm_peak.py).
+On a CPU the MFU's peak is measured in the same run (bench/gemm_peak.py). The fourth trains AnyRes
+(LLaVA-NeXT tiling, training's default pinpoints unless given) against transformers'
+`LlavaNextForConditionalGeneration`, each fed by its own processor (bench/paired_batches.py).
 
 Weights are random (no download). For each round, every implementation runs one step on the
 same synthetic batch (ours, then the reference); the first `--warmup` rounds are not timed.
@@ -26,9 +29,10 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from bench.batches import batch_stats, synthetic_batches
+from bench.batches import batch_stats
 from bench.flops import peak_tflops_for, step_flops
 from bench.gemm_peak import gemm_shapes, measure_cpu_peaks
 from bench.measure import (
@@ -40,6 +44,7 @@ from bench.measure import (
     trainable_parameters,
 )
 from bench.models import MODES, adapted_linears, model_dims, prepare_models
+from bench.paired_batches import on_device, paired_batches
 from bench.presets import PRESETS
 from model.config import LoraSettings
 from qwen.loss import loss_chunk_size
@@ -69,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our LLM's adapted linears, '|'-separated (default: the scale's, else LoraSettings')",
     )
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--image_aspect_ratio", choices=["pad", "anyres"], default="pad")
+    parser.add_argument(
+        "--image_grid_pinpoints",
+        type=pinpoints_flag,
+        default=None,
+        help="anyres: [[height, width], ...] in pixels (default: training's, for the tower)",
+    )
     parser.add_argument(
         "--gradient-checkpointing",
         "--gradient_checkpointing",
@@ -96,7 +108,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--steps and --batch_size must be >= 1, --warmup >= 0")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be >= 1")
+    if args.image_grid_pinpoints is not None and args.image_aspect_ratio != "anyres":
+        parser.error("--image_grid_pinpoints applies to --image_aspect_ratio anyres only")
     return args
+
+
+def pinpoints_flag(text: str) -> list:
+    """`--image_grid_pinpoints` in YAML / JSON flow syntax; the values are checked against the
+    tower when the model is built (visual.anyres.check_pinpoints)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list such as [[32, 64]], got {text!r}")
+    return value
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -152,20 +178,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         lora=lora,
         gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,
+        image_aspect_ratio=args.image_aspect_ratio,
+        image_grid_pinpoints=args.image_grid_pinpoints,
     )
-    batches = synthetic_batches(
+    pairs = paired_batches(
+        vlm,
         args.warmup + args.steps,
         args.batch_size,
-        num_image_tokens=vlm.num_image_tokens,
-        image_size=vlm.vision.image_size,
         max_length=args.max_length,
-        image_token_id=vlm.image_token_id,
         seed=args.seed,
-        full_length=preset.full_length,
-        supervised_fraction=preset.supervised_fraction,
+        preset=preset,
+        image_aspect_ratio=args.image_aspect_ratio,
     )
-    stats = [batch_stats(batch) for batch in batches]
-    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    stats = [batch_stats(pair["ours"], vlm.image_token_id) for pair in pairs]
+    batches = [on_device(pair, device) for pair in pairs]
     optimizers = {impl: make_optimizer(model, args.lr) for impl, model in models.items()}
     autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
     dims = model_dims(vlm)
@@ -174,7 +200,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = peak_tflops_for(device_name(device))
     elif peak_tflops is None:  # measured here, under the same threads and load as the steps
-        shapes = gemm_shapes(dims[1], int(batches[0]["attention_mask"].sum()), loss_chunk(vlm))
+        tokens = int(batches[0]["ours"]["attention_mask"].sum())
+        shapes = gemm_shapes(dims[1], tokens, loss_chunk(vlm))
         gemm_peaks = measure_cpu_peaks(shapes, dtype)
         peak_tflops = gemm_peaks[str(dtype).removeprefix("torch.")]["peak_flops"] / 1e12
     steps = run_rounds(models, optimizers, batches, autocast)
@@ -201,14 +228,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def run_rounds(
     models: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
-    batches: list[dict[str, torch.Tensor]],
+    batches: list[dict[str, dict[str, torch.Tensor]]],
     autocast: torch.dtype | None,
 ) -> dict[str, list[StepResult]]:
-    """Each round runs every implementation once on the same batch: ours, then the reference."""
+    """Each round runs every implementation once on the same samples, each on its own inputs
+    (`batches[round][impl]`): ours, then the reference."""
     steps: dict[str, list[StepResult]] = {impl: [] for impl in models}
-    for round_index, batch in enumerate(batches):
+    for round_index, pair in enumerate(batches):
         for impl, model in models.items():
-            steps[impl].append(train_step(model, optimizers[impl], batch, autocast))
+            steps[impl].append(train_step(model, optimizers[impl], pair[impl], autocast))
         logger.info(
             "round %d/%d: %s",
             round_index + 1,
@@ -284,6 +312,10 @@ def summarize(
                 b["supervised_tokens"] for b in timed_stats
             ),
             "longest_sequence": max(max(b["sequence_lengths"]) for b in timed_stats),
+            "image_tokens_per_sample": statistics.fmean(
+                b["image_tokens"] / len(b["sequence_lengths"]) for b in timed_stats
+            ),
+            "tower_images_per_step": statistics.fmean(b["tower_images"] for b in timed_stats),
         },
         "impls": per_impl,
         "first_loss_max_abs_diff": None,
@@ -310,7 +342,9 @@ def markdown_table(results: dict) -> str:
     """The results as a markdown table plus the paired comparisons."""
     config = results["config"]
     lines = [
-        f"scale {config['scale']}, mode {config['mode']}, batch {config['batch_size']}, "
+        f"scale {config['scale']}, mode {config['mode']}, image_aspect_ratio "
+        f"{config['image_aspect_ratio']} ({results['batches']['image_tokens_per_sample']:.1f} "
+        f"image tokens a sample), batch {config['batch_size']}, "
         f"max_length {config['max_length']}, {config['steps']} steps after {config['warmup']} "
         f"warmup, gradient checkpointing {config['gradient_checkpointing']}, "
         f"{config['dtype']} on {config['device_name']}",
