@@ -86,6 +86,10 @@ def adapter_disabled(llm: nn.Module):
     return disable() if disable is not None else contextlib.nullcontext()
 
 
+def _text_rows(batch: dict) -> dict[str, torch.Tensor]:
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+
+
 class PreferenceObjective:
     """The preference loss of a batch, with the reference's frozen projector.
 
@@ -118,24 +122,52 @@ class PreferenceObjective:
             return vlm.vision(blank)[:0]  # [0, N, Dv]
         return None
 
-    def __call__(
-        self, model: nn.Module, vlm: nn.Module, batch: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, per-pair metrics). `model` is what the Trainer trains (maybe DDP-wrapped);
-        `vlm` the VisionLanguageModel inside it."""
-        rows = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+    def _pair_images(self, vlm: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tower's features for the 2B rows (chosen rows' images, then rejected's) and their
+        sizes; zero rows when the batch has no image."""
         features = self._vision_features(vlm, batch)
         sizes = batch.get("image_sizes")  # [n_img, 2] once per pair, or None
         if sizes is not None:
             sizes = torch.cat([sizes, sizes])
         if features is not None:
-            features = torch.cat([features, features])  # chosen rows' images, then rejected's
-        else:  # no image in this batch: zero rows, so the reference never runs the image probe
-            size = (0, vlm.vision.num_image_tokens, vlm.vision.hidden_size)
-            weight = next(self.reference_projector.parameters())
-            features = weight.new_zeros(size)
-        with torch.no_grad():
-            projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
+            return torch.cat([features, features]), sizes
+        # no image in this batch: zero rows, so the reference never runs the image probe
+        size = (0, vlm.vision.num_image_tokens, vlm.vision.hidden_size)
+        weight = next(self.reference_projector.parameters())
+        return weight.new_zeros(size), sizes
+
+    @torch.no_grad()
+    def _reference(
+        self,
+        model: nn.Module,
+        vlm: nn.Module,
+        rows: dict,
+        features: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The starting model's summed answer log-probs `[2B]`: the LLM with its adapter off, the
+        images projected and packed (AnyRes: `image_newline`) by the frozen projector copy. The
+        tower ran already; the reference runs the LLM alone."""
+        projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
+        image_rows = vlm.image_rows(projected, sizes, self.reference_projector)  # [rows, Dl]
+        with adapter_disabled(vlm.llm):
+            output = model(**rows, image_features=image_rows, answer_log_probs=True)
+        return output.log_probs
+
+    def reference_log_probs(self, model: nn.Module, vlm: nn.Module, batch: dict) -> torch.Tensor:
+        """The reference's summed answer log-probs of a pair batch's rows `[2B]` (chosen rows,
+        then rejected rows), without gradients: what `--precompute_ref_log_probs` caches."""
+        features, sizes = self._pair_images(vlm, batch)
+        return self._reference(model, vlm, _text_rows(batch), features, sizes)
+
+    def __call__(
+        self, model: nn.Module, vlm: nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, per-pair metrics). `model` is what the Trainer trains (maybe DDP-wrapped);
+        `vlm` the VisionLanguageModel inside it. A batch that carries `reference_log_probs`
+        (`[2B]`, precomputed) skips the reference forward."""
+        rows = _text_rows(batch)
+        features, sizes = self._pair_images(vlm, batch)
         images = {}
         if len(features) or vlm.probe_tower:
             images = {"vision_features": features, "image_sizes": sizes}
@@ -144,13 +176,12 @@ class PreferenceObjective:
         # the same modules in the same order (docs/ARCHITECTURE.md); the reference runs the LLM
         # alone (its projector is a plain copy, the tower ran above).
         policy = model(**rows, **images, answer_log_probs=True)
-        with torch.no_grad(), adapter_disabled(vlm.llm):
-            reference = model(
-                **rows, image_features=projected, image_sizes=sizes, answer_log_probs=True
-            )
+        reference = batch.get("reference_log_probs")
+        if reference is None:
+            reference = self._reference(model, vlm, rows, features, sizes)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             policy.log_probs,
-            reference.log_probs,
+            reference,
             policy.counts,
             beta=self.beta,
             loss_type=self.loss_type,
