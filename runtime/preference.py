@@ -12,6 +12,12 @@ runs on them, as in SFT); the policy's answer log-probs come from one forward of
 through the model (so DDP and ZeRO see a normal forward), the reference's from one more under
 `no_grad`. Log-probs are summed over answer tokens only, in chunks (`qwen.loss`).
 
+`--precompute_ref_log_probs`: the reference does not change during training, so
+`precompute_reference` runs it once over every pair before training (batched, no grad, sharded
+over the processes) and the dataset hands each pair its two values; a step then runs the policy
+only. Kept in memory (two floats per pair) and computed again at every start, a resume included:
+the reference is the starting model, so the values, and the resumed run, are the same.
+
 Losses (with TRL's definitions, `trl.trainer.dpo_trainer.DPOTrainer._compute_loss`):
 - `sigmoid` (DPO): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
 - `ipo`: ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2, per-token averages.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,3 +206,44 @@ class PreferenceObjective:
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
         }
         return loss, metrics
+
+
+@torch.no_grad()
+def precompute_reference(
+    objective: PreferenceObjective,
+    vlm: nn.Module,
+    pairs: Sequence[dict],
+    collator: Callable[[list], dict],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The reference's summed answer log-probs of every pair, `[len(pairs), 2]` (chosen,
+    rejected), fp32 on the CPU. In eval mode and without a data loader: no dropout and no random
+    number drawn, so the run's random state is that of a run without the cache.
+
+    With several processes, `shard` = (rank, world size): each computes every world-size-th pair,
+    the last pair repeated so that every rank runs as many forwards, and `gather` (the ranks'
+    tensors concatenated rank after rank, e.g. `accelerator.gather`) brings them together.
+    """
+    rank, world_size = shard
+    total = len(pairs)
+    per_rank = -(-total // world_size)
+    indices = [min(i, total - 1) for i in range(rank, per_rank * world_size, world_size)]
+    was_training = vlm.training
+    vlm.eval()
+    values = []
+    try:
+        for start in range(0, per_rank, batch_size):
+            batch = collator([pairs[i] for i in indices[start : start + batch_size]])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            log_probs = objective.reference_log_probs(vlm, vlm, batch).float()  # [2b]
+            values.append(torch.stack(log_probs.chunk(2), dim=1))  # [b, 2]
+    finally:
+        vlm.train(was_training)
+    mine = torch.cat(values)  # [per_rank, 2]
+    if world_size > 1:  # rank r's j-th value is pair r + j * world_size
+        mine = gather(mine).view(world_size, per_rank, 2).transpose(0, 1).reshape(-1, 2)
+    return mine[:total].cpu()
