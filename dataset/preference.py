@@ -13,6 +13,8 @@ counted and logged, as for SFT.
 (`input_ids [2B, L]`: row i and row B + i are pair i), right-padded, `attention_mask` from
 lengths. The images are collated once per pair (`pixel_values` or `vision_features` of pair 0,
 then pair 1, ...): the preference step runs the tower once and gives both rows the features.
+Precomputed reference log-probs, when the pairs carry them, come as `reference_log_probs` `[2B]`
+in the rows' order.
 """
 
 from __future__ import annotations
@@ -133,9 +135,12 @@ def tokenize_pairs(
 
 class PreferenceDataset(SupervisedDataset):
     """Tokenized pairs -> {"prompt_ids", "chosen_ids", "rejected_ids"} `[L_*]` and the pair's
-    images, read as `SupervisedDataset` reads them (image folder or feature cache)."""
+    images, read as `SupervisedDataset` reads them (image folder or feature cache). Once the run
+    layer has set `reference_log_probs` (`[pairs, 2]`: the reference's summed log-probs of the
+    chosen and the rejected answer, `--precompute_ref_log_probs`), each pair carries its row."""
 
     ids_column = "prompt_ids"  # where the pair's image placeholders are
+    reference_log_probs: torch.Tensor | None = None
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.samples[index]
@@ -143,6 +148,8 @@ class PreferenceDataset(SupervisedDataset):
             key: torch.tensor(row[key], dtype=torch.long)
             for key in ("prompt_ids", "chosen_ids", "rejected_ids")
         }
+        if self.reference_log_probs is not None:
+            sample["reference_log_probs"] = self.reference_log_probs[index]  # [2]
         return {**sample, **self._image_inputs_or_cached(row)}
 
 
@@ -169,6 +176,10 @@ class PreferenceCollator:
             "attention_mask": (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long(),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }  # each [2B, L]
+        if pairs[0].get("reference_log_probs") is not None:  # [B, 2] -> [2B], as the rows
+            batch["reference_log_probs"] = torch.stack(
+                [pair["reference_log_probs"] for pair in pairs], dim=1
+            ).flatten()
         for key in ("pixel_values", "vision_features", "image_sizes"):  # once per pair, in order
             images = [p[key] for p in pairs if p.get(key) is not None]
             if images:

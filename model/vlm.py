@@ -87,18 +87,23 @@ class VisionLanguageModel(nn.Module):
         return FixedGridProcessor(self.vision.preprocessor, self.num_image_tokens)
 
     def image_rows(
-        self, image_features: torch.Tensor, image_sizes: torch.Tensor | None
+        self,
+        image_features: torch.Tensor,
+        image_sizes: torch.Tensor | None,
+        projector: nn.Module | None = None,
     ) -> torch.Tensor:
         """Projected features -> the flat `[total_rows, Dl]` rows the splice takes, image after
         image in batch order: image i contributes `image_processor.num_image_tokens(size_i)`
         rows. AnyRes: `image_features` are all images' tiles `[sum of 1 + tiles, N, Dl]`, packed
-        by their `image_sizes` (`model.anyres.pack_images`). The fixed grid's `[n_img, N', Dl]`
-        simply flattens; `image_sizes` [n_img, 2] (None from a feature cache) must then name one
-        size per image."""
-        if isinstance(self.projector, AnyResProjector):
+        by their `image_sizes` (`model.anyres.pack_images`) with the `image_newline` of
+        `projector` (default `self.projector`; DPO's reference packs with its frozen copy's). The
+        fixed grid's `[n_img, N', Dl]` simply flattens; `image_sizes` [n_img, 2] (None from a
+        feature cache) must then name one size per image."""
+        projector = self.projector if projector is None else projector
+        if isinstance(projector, AnyResProjector):
             if image_sizes is None:
                 raise ValueError("an AnyRes model needs image_sizes to lay out its images' tiles")
-            return self.projector.pack(image_features, image_sizes)  # [total_rows, Dl]
+            return projector.pack(image_features, image_sizes)  # [total_rows, Dl]
         if image_sizes is not None and image_sizes.shape[0] != image_features.shape[0]:
             raise ValueError(
                 f"{image_sizes.shape[0]} image_sizes for {image_features.shape[0]} images"
@@ -139,8 +144,12 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(
                 "pass one of pixel_values, cached vision_features or projected image_features"
             )
-        if image_features is not None:  # projected already, [n_img, N', Dl]
-            image_features = self.image_rows(image_features, image_sizes)
+        if image_features is not None:  # projected and packed already: the splice's rows
+            if image_features.dim() != 2:
+                raise ValueError(
+                    "image_features must be the packed rows [total_rows, Dl] of `image_rows`, got "
+                    f"shape {tuple(image_features.shape)}"
+                )
         elif pixel_values is not None:
             image_features = self.image_rows(self.encode_images(pixel_values), image_sizes)
         elif vision_features is not None:
@@ -183,8 +192,9 @@ class VisionLanguageModel(nn.Module):
         that restart at every sample and no `attention_mask`; the LLM isolates samples from them.
         Batches read from a feature cache carry `vision_features` (the frozen tower's output,
         `[n_img, N, Dv]`) instead of `pixel_values`: the tower is skipped, the projector runs;
-        `image_features` are projected already (`[n_img, N', Dl]`): both are skipped.
-        `image_sizes` `[n_img, 2]` (height, width) travel with the images (`image_rows`).
+        `image_features` are the rows the splice takes already (`image_rows`' `[total_rows, Dl]`):
+        tower, projector and packing are skipped. `image_sizes` `[n_img, 2]` (height, width)
+        travel with the images (`image_rows`).
 
         With `answer_log_probs` (preference tuning) it returns `AnswerLogProbs`: each row's
         log-probability of its supervised tokens, summed, and their count, instead of the loss.

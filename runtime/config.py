@@ -97,6 +97,9 @@ class TrainingConfig:
     dpo_loss: str = "sigmoid"  # one of DPO_LOSSES
     # RPO: add this weight times the chosen answers' mean NLL to the DPO loss; null = plain DPO
     rpo_alpha: float | None = None
+    # DPO: run the reference model over the training (and eval) pairs once before training, in
+    # memory, so each step runs the policy only (one forward per step less; runtime/preference.py)
+    precompute_ref_log_probs: bool = False
 
 
 @dataclass
@@ -256,7 +259,17 @@ def _validate_objective(config: RunConfig) -> None:
     if t.rpo_alpha is not None and t.rpo_alpha < 0:
         raise ValueError(f"--rpo_alpha must be >= 0 (or unset), got {t.rpo_alpha}")
     if t.training_objective != "dpo":
+        if t.precompute_ref_log_probs:
+            raise ValueError(
+                "--precompute_ref_log_probs applies to --training_objective dpo only (SFT has no "
+                "reference model)"
+            )
         return
+    if t.precompute_ref_log_probs and (t.deepspeed or t.fsdp):
+        raise ValueError(
+            "--precompute_ref_log_probs cannot be used with --deepspeed or --fsdp: the engine "
+            "places the model only once training starts; drop one of them"
+        )
     if config.data.packing:
         raise ValueError(
             "--packing does not apply to --training_objective dpo (rows come in pairs)"

@@ -12,6 +12,12 @@ runs on them, as in SFT); the policy's answer log-probs come from one forward of
 through the model (so DDP and ZeRO see a normal forward), the reference's from one more under
 `no_grad`. Log-probs are summed over answer tokens only, in chunks (`qwen.loss`).
 
+`--precompute_ref_log_probs`: the reference does not change during training, so
+`precompute_reference` runs it once over every pair before training (batched, no grad, sharded
+over the processes) and the dataset hands each pair its two values; a step then runs the policy
+only. Kept in memory (two floats per pair) and computed again at every start, a resume included:
+the reference is the starting model, so the values, and the resumed run, are the same.
+
 Losses (with TRL's definitions, `trl.trainer.dpo_trainer.DPOTrainer._compute_loss`):
 - `sigmoid` (DPO): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
 - `ipo`: ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2, per-token averages.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +93,10 @@ def adapter_disabled(llm: nn.Module):
     return disable() if disable is not None else contextlib.nullcontext()
 
 
+def _text_rows(batch: dict) -> dict[str, torch.Tensor]:
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+
+
 class PreferenceObjective:
     """The preference loss of a batch, with the reference's frozen projector.
 
@@ -118,24 +129,52 @@ class PreferenceObjective:
             return vlm.vision(blank)[:0]  # [0, N, Dv]
         return None
 
-    def __call__(
-        self, model: nn.Module, vlm: nn.Module, batch: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, per-pair metrics). `model` is what the Trainer trains (maybe DDP-wrapped);
-        `vlm` the VisionLanguageModel inside it."""
-        rows = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+    def _pair_images(self, vlm: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tower's features for the 2B rows (chosen rows' images, then rejected's) and their
+        sizes; zero rows when the batch has no image."""
         features = self._vision_features(vlm, batch)
         sizes = batch.get("image_sizes")  # [n_img, 2] once per pair, or None
         if sizes is not None:
             sizes = torch.cat([sizes, sizes])
         if features is not None:
-            features = torch.cat([features, features])  # chosen rows' images, then rejected's
-        else:  # no image in this batch: zero rows, so the reference never runs the image probe
-            size = (0, vlm.vision.num_image_tokens, vlm.vision.hidden_size)
-            weight = next(self.reference_projector.parameters())
-            features = weight.new_zeros(size)
-        with torch.no_grad():
-            projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
+            return torch.cat([features, features]), sizes
+        # no image in this batch: zero rows, so the reference never runs the image probe
+        size = (0, vlm.vision.num_image_tokens, vlm.vision.hidden_size)
+        weight = next(self.reference_projector.parameters())
+        return weight.new_zeros(size), sizes
+
+    @torch.no_grad()
+    def _reference(
+        self,
+        model: nn.Module,
+        vlm: nn.Module,
+        rows: dict,
+        features: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The starting model's summed answer log-probs `[2B]`: the LLM with its adapter off, the
+        images projected and packed (AnyRes: `image_newline`) by the frozen projector copy. The
+        tower ran already; the reference runs the LLM alone."""
+        projected = vlm.project_features(features, self.reference_projector)  # [2n, N', Dl]
+        image_rows = vlm.image_rows(projected, sizes, self.reference_projector)  # [rows, Dl]
+        with adapter_disabled(vlm.llm):
+            output = model(**rows, image_features=image_rows, answer_log_probs=True)
+        return output.log_probs
+
+    def reference_log_probs(self, model: nn.Module, vlm: nn.Module, batch: dict) -> torch.Tensor:
+        """The reference's summed answer log-probs of a pair batch's rows `[2B]` (chosen rows,
+        then rejected rows), without gradients: what `--precompute_ref_log_probs` caches."""
+        features, sizes = self._pair_images(vlm, batch)
+        return self._reference(model, vlm, _text_rows(batch), features, sizes)
+
+    def __call__(
+        self, model: nn.Module, vlm: nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, per-pair metrics). `model` is what the Trainer trains (maybe DDP-wrapped);
+        `vlm` the VisionLanguageModel inside it. A batch that carries `reference_log_probs`
+        (`[2B]`, precomputed) skips the reference forward."""
+        rows = _text_rows(batch)
+        features, sizes = self._pair_images(vlm, batch)
         images = {}
         if len(features) or vlm.probe_tower:
             images = {"vision_features": features, "image_sizes": sizes}
@@ -144,13 +183,12 @@ class PreferenceObjective:
         # the same modules in the same order (docs/ARCHITECTURE.md); the reference runs the LLM
         # alone (its projector is a plain copy, the tower ran above).
         policy = model(**rows, **images, answer_log_probs=True)
-        with torch.no_grad(), adapter_disabled(vlm.llm):
-            reference = model(
-                **rows, image_features=projected, image_sizes=sizes, answer_log_probs=True
-            )
+        reference = batch.get("reference_log_probs")
+        if reference is None:
+            reference = self._reference(model, vlm, rows, features, sizes)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             policy.log_probs,
-            reference.log_probs,
+            reference,
             policy.counts,
             beta=self.beta,
             loss_type=self.loss_type,
@@ -168,3 +206,44 @@ class PreferenceObjective:
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
         }
         return loss, metrics
+
+
+@torch.no_grad()
+def precompute_reference(
+    objective: PreferenceObjective,
+    vlm: nn.Module,
+    pairs: Sequence[dict],
+    collator: Callable[[list], dict],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The reference's summed answer log-probs of every pair, `[len(pairs), 2]` (chosen,
+    rejected), fp32 on the CPU. In eval mode and without a data loader: no dropout and no random
+    number drawn, so the run's random state is that of a run without the cache.
+
+    With several processes, `shard` = (rank, world size): each computes every world-size-th pair,
+    the last pair repeated so that every rank runs as many forwards, and `gather` (the ranks'
+    tensors concatenated rank after rank, e.g. `accelerator.gather`) brings them together.
+    """
+    rank, world_size = shard
+    total = len(pairs)
+    per_rank = -(-total // world_size)
+    indices = [min(i, total - 1) for i in range(rank, per_rank * world_size, world_size)]
+    was_training = vlm.training
+    vlm.eval()
+    values = []
+    try:
+        for start in range(0, per_rank, batch_size):
+            batch = collator([pairs[i] for i in indices[start : start + batch_size]])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            log_probs = objective.reference_log_probs(vlm, vlm, batch).float()  # [2b]
+            values.append(torch.stack(log_probs.chunk(2), dim=1))  # [b, 2]
+    finally:
+        vlm.train(was_training)
+    mine = torch.cat(values)  # [per_rank, 2]
+    if world_size > 1:  # rank r's j-th value is pair r + j * world_size
+        mine = gather(mine).view(world_size, per_rank, 2).transpose(0, 1).reshape(-1, 2)
+    return mine[:total].cpu()

@@ -36,7 +36,7 @@ from runtime.engines import (
     gathered_trainable_state,
     zero_stage,
 )
-from runtime.preference import PreferenceObjective, RewardMeans
+from runtime.preference import PreferenceObjective, RewardMeans, precompute_reference
 from runtime.reporting import ThroughputCallback
 from runtime.resume import (
     OPTIMIZER_FILE,
@@ -236,6 +236,8 @@ class VLMTrainer(Trainer):
         """`resume_from_checkpoint` resumes exactly (see `runtime/resume.py`); with the run's
         `resume_weights_only` it loads only the trainable weights and starts a new run at step 0.
         Under FSDP the weights are loaded here, before the Trainer shards the model."""
+        if self.run_config.training.precompute_ref_log_probs:
+            self._precompute_reference()
         if resume_from_checkpoint is None or not self.run_config.training.resume_weights_only:
             if resume_from_checkpoint is not None and self.is_fsdp_enabled:
                 load_trainable_state(self.model, resume_from_checkpoint)
@@ -248,6 +250,26 @@ class VLMTrainer(Trainer):
             resume_from_checkpoint,
         )
         return super().train(**kwargs)
+
+    def _precompute_reference(self) -> None:
+        """`--precompute_ref_log_probs`: the reference's log-probs of the train and eval pairs,
+        handed to the datasets (at every start: they depend on the starting model only)."""
+        start = time.perf_counter()
+        for dataset in (self.train_dataset, self.eval_dataset):
+            if dataset is None or dataset.reference_log_probs is not None:
+                continue
+            with self.accelerator.autocast():  # the precision the steps' forwards run in
+                dataset.reference_log_probs = precompute_reference(
+                    self.preference,
+                    self.model,
+                    dataset,
+                    self.data_collator,
+                    batch_size=self.args.per_device_eval_batch_size,
+                    device=self.args.device,
+                    shard=(self.args.process_index, self.args.world_size),
+                    gather=self.accelerator.gather,
+                )
+        logger.info("reference log-probs precomputed in %.1f s", time.perf_counter() - start)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:
