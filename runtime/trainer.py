@@ -7,7 +7,8 @@
   optimizer, scheduler, RNG and data-position state, so `resume_from_checkpoint` continues exactly;
   a missing or damaged file is refused, naming it, instead of skipped (`runtime/resume.py`).
 - `--training_objective dpo`: `compute_loss` is the preference loss (`runtime/preference.py`) and
-  its rewards are logged beside the loss, averaged over the logging window and the processes.
+  its rewards are logged beside the loss, averaged over the logging window and the processes,
+  and an evaluation's as `eval_rewards/...` beside `eval_loss` (averaged over all its pairs).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class VLMTrainer(Trainer):
                 self.model, beta=t.dpo_beta, loss_type=t.dpo_loss, rpo_alpha=t.rpo_alpha
             )
         self.rewards = RewardMeans()
+        self.eval_rewards = RewardMeans()  # logged as eval_rewards/..., with eval_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The LM loss (the model's own), or with `dpo` the preference loss of the pairs."""
@@ -76,10 +78,8 @@ class VLMTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         vlm = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         loss, metrics = self.preference(model, vlm, inputs)
-        if model.training:  # every process's pairs
-            self.rewards.add(
-                {k: self.accelerator.gather_for_metrics(v) for k, v in metrics.items()}
-            )
+        means = self.rewards if model.training else self.eval_rewards  # every process's pairs
+        means.add({k: self.accelerator.gather_for_metrics(v) for k, v in metrics.items()})
         return (loss, metrics) if return_outputs else loss  # evaluation reads a dict
 
     def get_batch_samples(self, *args, **kwargs):
@@ -142,6 +142,8 @@ class VLMTrainer(Trainer):
                 logs["learning_rate_projector"] = rates[PROJECTOR_GROUP]
             logs.update(self.throughput.measure(self.state.num_input_tokens_seen))
             logs.update(self.rewards.pop())
+        if "eval_loss" in logs:  # the evaluation's pairs, named as TRL names them
+            logs.update({f"eval_{name}": mean for name, mean in self.eval_rewards.pop().items()})
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -242,6 +242,8 @@ def test_train_py_dpo_starts_at_log_2_and_logs_the_rewards(
     assert len(logs) == 4
     [evaluation] = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evaluation["step"] == 4 and evaluation["eval_loss"] < logs[0]["loss"]
+    assert evaluation["eval_rewards/margins"] > 0 and "eval_rewards/accuracies" in evaluation
+    assert not any(key.startswith("eval_") for key in logs[-1])  # training windows stay apart
     # The policy starts as the reference (LoRA B is zero, the projector copy is the projector)
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
@@ -329,3 +331,31 @@ def pair_batch_of(trainer) -> dict:
     batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
     batch["image_sizes"] = torch.cat([batch["image_sizes"]] * 2)
     return batch
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_train_the_same_run(
+    tiny_qwen_dir, tiny_clip_dir, shapes_dir, tmp_path
+):
+    """`--precompute_ref_log_probs` through train.py: the logged losses and rewards of the run
+    equal the run whose steps compute the reference themselves."""
+    import train
+
+    pairs = write_pairs(shapes_dir, tmp_path / "pairs.json", count=4)
+    runs = {}
+    for precompute in (False, True):
+        flags = train_flags(
+            tiny_qwen_dir, tiny_clip_dir, pairs, shapes_dir, tmp_path / f"out-{precompute}",
+            training_objective="dpo", max_steps=3, per_device_train_batch_size=2,
+            learning_rate=1e-2, lr_scheduler_type="constant", lora_rank=4, lora_dropout=0.0,
+        )  # fmt: skip
+        if precompute:
+            flags.append("--precompute_ref_log_probs")
+        trainer = train.main(flags)
+        runs[precompute] = [e for e in trainer.state.log_history if "loss" in e]
+        assert (trainer.train_dataset.reference_log_probs is not None) == precompute
+    assert len(runs[True]) == 3
+    for plain, cached in zip(runs[False], runs[True], strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert cached[key] == pytest.approx(plain[key], abs=1e-5), (key, plain, cached)
+    assert abs(runs[True][-1]["rewards/chosen"]) > 1e-3  # the policy has left the reference
