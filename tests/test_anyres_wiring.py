@@ -89,6 +89,7 @@ def test_a_text_only_training_batch_keeps_the_newline_in_the_graph(anyres_vlm, t
     vlm.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_placeholders_equal_anyres_rows_under_truncation_and_packing(
     anyres_vlm, tokenizer, tmp_path, seed

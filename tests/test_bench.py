@@ -36,6 +36,7 @@ IMPL_FIELDS = {
 }
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_both_implementations(tmp_path):
     out, table = tmp_path / "results.json", tmp_path / "results.md"
     flags = "--scale tiny --steps 2 --warmup 1 --batch_size 2 --max_length 96 --lora_rank 8"
@@ -63,6 +64,7 @@ def test_impossible_setups_are_refused():
         train_step.main(["--scale", "qwen7b-clip336", "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_real_width_cpu_presets_count_their_flops_from_the_model():
     """Qwen2-0.5B's sizes (GQA, tied head) and a QWen of its width; LoRA on every block linear."""
     with torch.device("meta"):

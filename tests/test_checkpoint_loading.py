@@ -66,6 +66,7 @@ def test_a_projector_of_another_width_is_named(checkpoint, tmp_path):
         load_vlm(other, dtype="float32")
 
 
+@pytest.mark.slow
 def test_other_base_weights_are_refused_unless_allowed(checkpoint, tmp_path, caplog):
     other_qwen = save_tiny_qwen(tmp_path / "other-qwen", seed=123)  # same shapes, other weights
     with pytest.raises(
@@ -123,6 +124,7 @@ def test_merge_refuses_a_non_empty_destination_and_a_missing_source(checkpoint, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_merge_overwrites_only_when_asked_and_writes_whole_or_nothing(
     checkpoint, tmp_path, monkeypatch
 ):

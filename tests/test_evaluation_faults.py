@@ -102,6 +102,7 @@ def test_duplicate_question_ids_are_refused_naming_id_and_file(tmp_path):
         load_mmbench(tsv)
 
 
+@pytest.mark.slow
 def test_an_answers_file_matching_no_question_exits_non_zero(tmp_path, caplog):
     images = tmp_path / "val2014"
     write_image(images / "a.jpg")

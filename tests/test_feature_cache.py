@@ -156,6 +156,7 @@ def run_flags(tiny_qwen_dir, tiny_clip_dir, shapes_dir, out, **extra) -> list[st
     return train_flags(tiny_qwen_dir, tiny_clip_dir, data, shapes_dir, out, **settings)
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_matches_live_training(
     tiny_qwen_dir, tiny_clip_dir, shapes_dir, cli_cache, tmp_path, monkeypatch
 ):

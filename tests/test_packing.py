@@ -173,6 +173,7 @@ def test_group_by_length_uses_the_cached_lengths(packing_flags):
     assert np.isfinite(trainer.state.log_history[0]["loss"])
 
 
+@pytest.mark.slow
 def test_packed_grouped_run_resumes_exactly(packing_flags, tmp_path):
     """Bins and the grouped order are reproducible, so resuming from a checkpoint continues the
     same run: the final weights equal the uninterrupted run's."""

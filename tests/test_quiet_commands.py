@@ -45,6 +45,7 @@ def test_help_prints_no_noise(command):
     assert not [noise for noise in NOISE if noise in said], said
 
 
+@pytest.mark.slow
 def test_loading_a_lora_checkpoint_prints_no_noise(tmp_path, tiny_qwen_dir, tiny_clip_dir):
     language = LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32")
     vision = VisionConfig(vision_model=str(tiny_clip_dir))

@@ -165,6 +165,7 @@ with _exclusive_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 def test_a_killed_runs_forked_workers_do_not_hold_its_lock(tmp_path):
     run = subprocess.Popen([sys.executable, "-c", FORK_AND_DIE, str(tmp_path)], cwd=REPO,
                            stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
