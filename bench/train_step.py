@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from bench.batches import batch_stats
@@ -46,6 +45,7 @@ from bench.measure import (
 from bench.models import MODES, adapted_linears, model_dims, prepare_models
 from bench.paired_batches import on_device, paired_batches
 from bench.presets import PRESETS
+from dataprocess.config import list_flag
 from model.config import LoraSettings
 from qwen.loss import loss_chunk_size
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_aspect_ratio", choices=["pad", "anyres"], default="pad")
     parser.add_argument(
         "--image_grid_pinpoints",
-        type=pinpoints_flag,
+        type=list_flag,
         default=None,
         help="anyres: [[height, width], ...] in pixels (default: training's, for the tower)",
     )
@@ -111,18 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_grid_pinpoints is not None and args.image_aspect_ratio != "anyres":
         parser.error("--image_grid_pinpoints applies to --image_aspect_ratio anyres only")
     return args
-
-
-def pinpoints_flag(text: str) -> list:
-    """`--image_grid_pinpoints` in YAML / JSON flow syntax; the values are checked against the
-    tower when the model is built (visual.anyres.check_pinpoints)."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a list such as [[32, 64]], got {text!r}")
-    return value
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

@@ -29,6 +29,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dataprocess.config import list_flag
 from dataprocess.report import format_summary
 
 log = logging.getLogger("dataprocess")
@@ -87,19 +88,8 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     _flag(stats, "system", help="system prompt for records without one (default: training's)")
     _flag(stats, "image_folder", type=Path, help="image root, read when tokens depend on size")
     _flag(stats, "image_aspect_ratio", help="anyres: count tiles by image size (train.py's flag)")
-    _flag(stats, "image_grid_pinpoints", type=_json_list, help="anyres: as train.py's")
+    _flag(stats, "image_grid_pinpoints", type=list_flag, help="anyres: as train.py's")
     _flag(stats, "image_max_tiles", type=int, help="anyres: as train.py's")
-
-
-def _json_list(text: str) -> list:
-    """A list flag in JSON, e.g. `[[336, 672], [672, 336]]`."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a list such as [[336, 672]], got {text!r}")
-    return value
 
 
 def _add_images_parser(sub: argparse._SubParsersAction) -> None:

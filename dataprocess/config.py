@@ -6,6 +6,7 @@ are resolved against the directory of the config file, so a config can move with
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,19 @@ from typing import Any
 import yaml
 
 from dataprocess.boxes import BOX_FORMATS
+
+
+def list_flag(text: str) -> list:
+    """A list-valued command-line flag in YAML (or JSON) flow syntax, e.g. `[[336, 672]]`: the one
+    parser of train.py's, `dataprocess stats`' and the benchmarks' list flags."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list such as [[336, 672]], got {text!r}")
+    return value
+
 
 # Preference sets (dataprocess/sources/preference.py): they give preference records, for DPO
 PREFERENCE_FORMATS = ("rlaif_v", "vlfeedback", "llava_rlhf")

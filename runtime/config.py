@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from dataprocess.config import list_flag
 from model.config import (
     LanguageModelConfig,
     LoraSettings,
@@ -290,20 +291,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if kind is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
             elif typing.get_origin(kind) is list:
-                group.add_argument(f"--{name}", type=_yaml_list, default=None)
+                group.add_argument(f"--{name}", type=list_flag, default=None)
             else:
                 group.add_argument(f"--{name}", type=kind, default=None)
-
-
-def _yaml_list(text: str) -> list:
-    """A list flag in YAML (or JSON) flow syntax, e.g. `[[336, 672], [672, 336]]`."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a list such as [[336, 672]], got {text!r}")
-    return value
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:
