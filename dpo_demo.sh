@@ -3,8 +3,8 @@
 # existence questions leaves the shapes demo saying "yes" to shapes that are not there; preference
 # tuning on generated pairs, started from that model, moves it back (50% -> 90% held out). Plain
 # DPO pushes "Yes" down without lifting "No" and degenerates here, so the recipe is DPO + the
-# chosen answers' NLL (--rpo_alpha 1.0, RPO). POPE-style evaluation (accuracy, yes-ratio) before and after, with
-# runtime.evaluation.
+# chosen answers' NLL (--rpo_alpha 1.0, RPO). POPE-style evaluation (accuracy, yes-ratio) before
+# and after, with runtime.evaluation.
 #   sh dpo_demo.sh                 # starts from the shapes demo in $BASE (sh train.sh), or trains it
 #   BASE_STEPS=600 sh dpo_demo.sh  # a shorter shapes demo when $BASE holds no finished one
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"

@@ -31,6 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="LLM blocks (default: scale's)")
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        "--gradient_checkpointing",
+        dest="gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+    )
     parser.add_argument("--rows", type=int, default=25, help="operators to print")
     parser.add_argument("--out", type=Path, default=None, help="write the table here too")
     return parser.parse_args(argv)
@@ -47,7 +54,13 @@ def profile_step(args: argparse.Namespace) -> str:
         target_modules=preset.lora_targets or LoraSettings.target_modules,
     )
     models, vlm = prepare_models(
-        preset, mode="lora", impls=[args.impl], device="cpu", dtype=torch.float32, lora=lora
+        preset,
+        mode="lora",
+        impls=[args.impl],
+        device="cpu",
+        dtype=torch.float32,
+        lora=lora,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     model = models[args.impl]
     batch = synthetic_batches(
@@ -68,6 +81,7 @@ def profile_step(args: argparse.Namespace) -> str:
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     header = (
         f"{args.impl}, scale {args.scale}, LLM layers {args.layers or 'all'}, "
+        f"gradient checkpointing {args.gradient_checkpointing}, "
         f"step {step.seconds:.2f} s profiled (warm-up {warm.seconds:.2f} s), "
         f"{torch.get_num_threads()} threads"
     )
