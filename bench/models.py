@@ -9,6 +9,7 @@ same weights and applies the training mode to both.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import tempfile
@@ -143,6 +144,17 @@ def adapted_linears(model: nn.Module) -> list[tuple[int, int]]:
         for module in model.modules()
         if hasattr(module, "lora_A") and hasattr(module, "in_features")
     ]
+
+
+def add_gradient_checkpointing_flag(parser: argparse.ArgumentParser) -> None:
+    """`--gradient-checkpointing` / `--no-gradient-checkpointing` (default off), for both sides."""
+    parser.add_argument(
+        "--gradient-checkpointing",
+        "--gradient_checkpointing",
+        dest="gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+    )
 
 
 def prepare_models(

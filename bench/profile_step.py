@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.batches import synthetic_batches
 from bench.measure import make_optimizer, train_step
-from bench.models import prepare_models
+from bench.models import add_gradient_checkpointing_flag, prepare_models
 from bench.presets import PRESETS
 from model.config import LoraSettings
 
@@ -31,13 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="LLM blocks (default: scale's)")
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
-    parser.add_argument(
-        "--gradient-checkpointing",
-        "--gradient_checkpointing",
-        dest="gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-    )
+    add_gradient_checkpointing_flag(parser)
     parser.add_argument("--rows", type=int, default=25, help="operators to print")
     parser.add_argument("--out", type=Path, default=None, help="write the table here too")
     return parser.parse_args(argv)

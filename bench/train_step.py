@@ -42,7 +42,13 @@ from bench.measure import (
     train_step,
     trainable_parameters,
 )
-from bench.models import MODES, adapted_linears, model_dims, prepare_models
+from bench.models import (
+    MODES,
+    adapted_linears,
+    add_gradient_checkpointing_flag,
+    model_dims,
+    prepare_models,
+)
 from bench.paired_batches import on_device, paired_batches
 from bench.presets import PRESETS
 from dataprocess.config import list_flag
@@ -81,13 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="anyres: [[height, width], ...] in pixels (default: training's, for the tower)",
     )
-    parser.add_argument(
-        "--gradient-checkpointing",
-        "--gradient_checkpointing",
-        dest="gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-    )
+    add_gradient_checkpointing_flag(parser)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument(

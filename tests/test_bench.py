@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import train_step
+from bench import profile_step, train_step
 from bench.batches import IGNORE_INDEX, batch_stats, build_batch, llava_like_lengths
 from bench.flops import (
     LanguageDims,
@@ -158,3 +158,19 @@ def test_length_mix_and_batch_layout():
     assert not (supervised & (batch["input_ids"] == 151646)).any()
     assert (batch["input_ids"] == 151646).sum() == 32
     assert 0.0 < stats["padding_fraction"] < 1.0
+
+
+def mm_calls(table: str) -> int:
+    row = next(line for line in table.splitlines() if line.split()[:1] == ["aten::mm"])
+    return int(row.split()[-1])  # the "# of Calls" column
+
+
+@pytest.mark.slow
+def test_the_profile_recomputes_under_gradient_checkpointing():
+    """bench.profile_step profiles the step bench.train_step times, checkpointing included."""
+    flags = ["--scale", "tiny", "--lora_rank", "8", "--rows", "200"]
+    plain = profile_step.main(flags)
+    checkpointed = profile_step.main([*flags, "--gradient-checkpointing"])
+    assert "gradient checkpointing False" in plain
+    assert "gradient checkpointing True" in checkpointed
+    assert mm_calls(checkpointed) > mm_calls(plain)  # the decoder's forward runs twice
