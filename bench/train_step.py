@@ -188,11 +188,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = peak_tflops_for(device_name(device))
     peak_flops = None if peak_tflops is None else peak_tflops * 1e12
-    if peak_tflops is None and device.type != "cuda":  # measured here, as the steps run
+    if peak_flops is None and device.type != "cuda":  # measured here, as the steps run
         tokens = int(batches[0]["ours"]["attention_mask"].sum())
         shapes = gemm_shapes(dims[1], tokens, loss_chunk(vlm))
         gemm_peaks = measure_cpu_peaks(shapes, dtype)
-        peak_flops = gemm_peaks[str(dtype).removeprefix("torch.")]["peak_flops"]  # reported as is
+        peak_flops = gemm_peaks[str(dtype).removeprefix("torch.")]["peak_flops"]  # kept exact
         peak_tflops = peak_flops / 1e12
     steps = run_rounds(models, optimizers, batches, autocast)
     flops_config = {"mode": args.mode, "lora_rank": args.lora_rank, "dims": dims}
