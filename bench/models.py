@@ -222,7 +222,9 @@ def configure_reference(
         # to the LLM only, so the tower goes back to the run's dtype.
         llava.model.vision_tower.to(vlm.vision.dtype)
     elif gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llava.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     llava.train()
     llava.model.vision_tower.eval()
     if mode == "projector":

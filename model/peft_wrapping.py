@@ -1,8 +1,9 @@
-"""One known warning silenced where peft wraps an LLM (training's LoRA, loading an adapter).
+"""Two known warnings silenced where peft wraps an LLM (training's LoRA, loading an adapter,
+QLoRA's preparation).
 
-peft (0.18) reads `is_gradient_checkpointing`, which transformers 5 deprecated with a FutureWarning
-that every training run and every load of a LoRA checkpoint printed. Only that warning is ignored,
-only inside the wrapping call.
+peft reads `is_gradient_checkpointing` and calls `gradient_checkpointing_enable`, which
+transformers 5 deprecated with FutureWarnings that every training run and every load of a LoRA
+checkpoint printed. Only those warnings are ignored, only inside the wrapping call.
 """
 
 from __future__ import annotations
@@ -16,5 +17,10 @@ def quiet_peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore",
+            message="`gradient_checkpointing_enable` is deprecated",
+            category=FutureWarning,
         )
         yield

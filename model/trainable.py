@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from model.config import LoraSettings
+from model.lora_dropout import checkpointing_kwargs, keep_lora_dropout_masks
 from model.peft_wrapping import quiet_peft_wrapping
 from model.vlm import VisionLanguageModel
 
@@ -52,14 +53,15 @@ def configure_trainable(
     if quantized:
         # Also upcasts every non-quantized LLM weight (embeddings, norms, lm_head) to fp32, as
         # QLoRA does: the residual stream runs in fp32 around the 4-bit matmuls.
-        vlm.llm = prepare_model_for_kbit_training(
-            vlm.llm,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with quiet_peft_wrapping():
+            vlm.llm = prepare_model_for_kbit_training(
+                vlm.llm,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing_kwargs(),
+            )
     elif gradient_checkpointing:
-        vlm.llm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        vlm.llm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=checkpointing_kwargs()
         )
     if settings.train_mode == "projector+lora":
         lora = LoraConfig(
@@ -72,6 +74,8 @@ def configure_trainable(
         )
         with quiet_peft_wrapping():
             vlm.llm = get_peft_model(vlm.llm, lora)
+        # One-byte masks, kept through gradient checkpointing instead of drawn again
+        keep_lora_dropout_masks(vlm.llm)
     elif settings.train_mode == "projector+llm":
         vlm.llm.requires_grad_(True)
     vlm.vision.requires_grad_(False)

@@ -1,0 +1,131 @@
+"""LoRA dropout with one-byte masks kept through gradient checkpointing (model/lora_dropout.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from model.config import LoraSettings
+from model.lora_dropout import KeptMaskDropout, checkpointing_kwargs, keep_lora_dropout_masks
+from model.trainable import configure_trainable
+from qwen.configuration_qwen import QWenConfig
+from qwen.modeling_qwen import QWenLMHeadModel
+
+SMALL = QWenConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    kv_channels=8,
+    intermediate_size=128,
+    vocab_size=300,
+)
+TARGETS = ["c_attn", "c_proj", "w1", "w2"]  # 5 linears a block: c_proj is in attn and mlp
+
+
+def test_the_mask_keeps_with_probability_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.rand(400, 500) + 1.0  # no zeros of its own
+    dropout = KeptMaskDropout(0.3)
+    y = dropout(x)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.3) < 0.01  # 200,000 draws: 5 sigma is 0.005
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.7)
+    assert y.dtype == x.dtype
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_the_gradient_passes_the_kept_elements_only():
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    y = KeptMaskDropout(0.5)(x)
+    y.sum().backward()
+    kept = y != 0
+    torch.testing.assert_close(x.grad, kept.float() * 2.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_p_outside_the_open_interval_is_refused(p):
+    with pytest.raises(ValueError, match="p must be in"):
+        KeptMaskDropout(p)
+
+
+def lora_model(checkpointing: dict | None, dropout: float = 0.3) -> nn.Module:
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(SMALL)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():  # B starts at zero; give it weight to test
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    model.train()
+    return model
+
+
+def step(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Gradients of one step on a fixed input, and how often each RNG operator ran."""
+    ids = torch.arange(24).reshape(2, 12) % SMALL.vocab_size
+    torch.manual_seed(1)
+    with torch.profiler.profile() as profile:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = {e.key: e.count for e in profile.key_averages() if "bernoulli" in e.key}
+    return [p.grad for p in model.parameters() if p.requires_grad], counts
+
+
+def test_checkpointing_keeps_the_masks_instead_of_drawing_them_again():
+    plain = lora_model(None)
+    assert keep_lora_dropout_masks(plain) == 10  # 2 blocks x 5 adapted linears
+    recomputed = lora_model({"use_reentrant": False})
+    keep_lora_dropout_masks(recomputed)
+    kept = lora_model(checkpointing_kwargs())
+    keep_lora_dropout_masks(kept)
+
+    plain_grads, plain_draws = step(plain)
+    recomputed_grads, recomputed_draws = step(recomputed)
+    kept_grads, kept_draws = step(kept)
+    assert plain_draws == {"aten::bernoulli_": 10}
+    assert recomputed_draws == {"aten::bernoulli_": 20}  # the recompute draws each mask again
+    assert kept_draws == {"aten::bernoulli_": 10}
+    # The same masks in all three (same seed; the recompute restores the RNG state), so the
+    # same gradients: the kept masks are the ones the forward pass drew.
+    for a, b, c in zip(plain_grads, recomputed_grads, kept_grads, strict=True):
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(c, a)
+
+
+def test_without_dropout_there_is_nothing_to_keep():
+    model = lora_model(checkpointing_kwargs(), dropout=0.0)
+    assert keep_lora_dropout_masks(model) == 0
+    assert all(
+        isinstance(d, nn.Identity)
+        for m in model.modules()
+        if hasattr(m, "lora_dropout")
+        for d in m.lora_dropout.values()
+    )
+
+
+def test_configure_trainable_installs_kept_masks_only_with_dropout(tiny_qwen_dir, tiny_clip_dir):
+    from model.builder import build_vlm
+    from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
+
+    def dropouts(dropout: float, checkpointing: bool) -> set[type]:
+        vlm, _ = build_vlm(
+            LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32"),
+            VisionConfig(vision_model=str(tiny_clip_dir)),
+            ProjectorConfig(),
+        )
+        settings = LoraSettings(lora_rank=4, lora_dropout=dropout)
+        configure_trainable(vlm, settings, gradient_checkpointing=checkpointing)
+        return {
+            type(d)
+            for m in vlm.llm.modules()
+            if hasattr(m, "lora_dropout")
+            for d in m.lora_dropout.values()
+        }
+
+    assert dropouts(0.05, checkpointing=True) == {KeptMaskDropout}
+    assert dropouts(0.05, checkpointing=False) == {KeptMaskDropout}
+    assert dropouts(0.0, checkpointing=True) == {nn.Identity}
