@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from model.config import LoraSettings
-from model.lora_dropout import checkpointing_kwargs, keep_lora_dropout_masks
+from model.lora_linear import checkpointing_kwargs, fused_lora_config, keep_lora_dropout_masks
 from model.peft_wrapping import quiet_peft_wrapping
 from model.vlm import VisionLanguageModel
 
@@ -72,6 +72,8 @@ def configure_trainable(
             modules_to_save=module_names(settings.modules_to_save, "--modules_to_save"),
             bias="none",
         )
+        if not quantized:
+            lora = fused_lora_config(lora)
         with quiet_peft_wrapping():
             vlm.llm = get_peft_model(vlm.llm, lora)
         # One-byte masks, kept through gradient checkpointing instead of drawn again

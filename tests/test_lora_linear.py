@@ -1,4 +1,4 @@
-"""LoRA dropout with one-byte masks kept through gradient checkpointing (model/lora_dropout.py)."""
+"""LoRA dropout with one-byte masks kept through gradient checkpointing (model.lora_linear.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from model.config import LoraSettings
-from model.lora_dropout import KeptMaskDropout, checkpointing_kwargs, keep_lora_dropout_masks
+from model.lora_linear import (
+    FusedLoraLinear,
+    KeptMaskDropout,
+    checkpointing_kwargs,
+    fused_lora_config,
+    keep_lora_dropout_masks,
+)
 from model.trainable import configure_trainable
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel
@@ -51,13 +57,17 @@ def test_p_outside_the_open_interval_is_refused(p):
         KeptMaskDropout(p)
 
 
-def lora_model(checkpointing: dict | None, dropout: float = 0.3) -> nn.Module:
+def lora_model(
+    checkpointing: dict | None, dropout: float = 0.3, fused: bool = False, kept: bool = False
+) -> nn.Module:
     torch.manual_seed(0)
     model = QWenLMHeadModel(SMALL)
     if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, fused_lora_config(lora) if fused else lora)
+    if kept:
+        keep_lora_dropout_masks(model)
     for name, param in model.named_parameters():  # B starts at zero; give it weight to test
         if "lora_B" in name:
             nn.init.normal_(param, std=0.1)
@@ -65,12 +75,14 @@ def lora_model(checkpointing: dict | None, dropout: float = 0.3) -> nn.Module:
     return model
 
 
+IDS = torch.arange(24).reshape(2, 12) % SMALL.vocab_size
+
+
 def step(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
     """Gradients of one step on a fixed input, and how often each RNG operator ran."""
-    ids = torch.arange(24).reshape(2, 12) % SMALL.vocab_size
     torch.manual_seed(1)
     with torch.profiler.profile() as profile:
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=IDS, labels=IDS).loss.backward()
     counts = {e.key: e.count for e in profile.key_averages() if "bernoulli" in e.key}
     return [p.grad for p in model.parameters() if p.requires_grad], counts
 
@@ -78,10 +90,8 @@ def step(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
 def test_checkpointing_keeps_the_masks_instead_of_drawing_them_again():
     plain = lora_model(None)
     assert keep_lora_dropout_masks(plain) == 10  # 2 blocks x 5 adapted linears
-    recomputed = lora_model({"use_reentrant": False})
-    keep_lora_dropout_masks(recomputed)
-    kept = lora_model(checkpointing_kwargs())
-    keep_lora_dropout_masks(kept)
+    recomputed = lora_model({"use_reentrant": False}, kept=True)
+    kept = lora_model(checkpointing_kwargs(), kept=True)
 
     plain_grads, plain_draws = step(plain)
     recomputed_grads, recomputed_draws = step(recomputed)
@@ -107,11 +117,51 @@ def test_without_dropout_there_is_nothing_to_keep():
     )
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_fused_forward_computes_peft_s_loss_and_gradients(dropout):
+    """peft's forward and the fused one on the same weights and the same masks (same seed)."""
+    reference = lora_model(None, dropout, kept=True)
+    fused = lora_model(None, dropout, fused=True, kept=True)
+    assert sum(isinstance(m, FusedLoraLinear) for m in fused.modules()) == 10
+    assert not any(isinstance(m, FusedLoraLinear) for m in reference.modules())
+    torch.manual_seed(1)
+    expected = reference(input_ids=IDS, labels=IDS).loss
+    torch.manual_seed(1)
+    got = fused(input_ids=IDS, labels=IDS).loss
+    torch.testing.assert_close(got, expected)
+    expected.backward()
+    got.backward()
+    for a, b in zip(reference.parameters(), fused.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_what_the_fused_forward_does_not_cover_takes_peft_s_forward():
+    """Disabled and merged adapters, other dtypes: peft's own forward, the same outputs."""
+    reference = lora_model(None, 0.0).eval()
+    fused = lora_model(None, 0.0, fused=True).eval()
+    layer = fused.base_model.model.transformer.h[0].mlp.w1
+    x = torch.randn(3, SMALL.hidden_size)
+    assert layer._plain_adapter(x) == "default"
+    assert layer._plain_adapter(x.double()) is None  # peft casts; the fused forward does not
+    with torch.no_grad():
+        torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
+        with fused.disable_adapter(), reference.disable_adapter():
+            assert layer._plain_adapter(x) is None
+            torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
+        fused.merge_adapter()
+        reference.merge_adapter()
+        assert layer._plain_adapter(x) is None
+        torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
+
+
 def test_configure_trainable_installs_kept_masks_only_with_dropout(tiny_qwen_dir, tiny_clip_dir):
     from model.builder import build_vlm
     from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
 
     def dropouts(dropout: float, checkpointing: bool) -> set[type]:
+        """The LLM's LoRA dropout classes, after checking its LoRA layers are the fused ones."""
         vlm, _ = build_vlm(
             LanguageModelConfig(language_model=str(tiny_qwen_dir), dtype="float32"),
             VisionConfig(vision_model=str(tiny_clip_dir)),
@@ -119,6 +169,10 @@ def test_configure_trainable_installs_kept_masks_only_with_dropout(tiny_qwen_dir
         )
         settings = LoraSettings(lora_rank=4, lora_dropout=dropout)
         configure_trainable(vlm, settings, gradient_checkpointing=checkpointing)
+        layers = [
+            m for m in vlm.llm.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")
+        ]
+        assert layers and all(type(m) is FusedLoraLinear for m in layers)
         return {
             type(d)
             for m in vlm.llm.modules()
