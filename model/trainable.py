@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from model.config import LoraSettings
-from model.lora_linear import checkpointing_kwargs, fused_lora_config, keep_lora_dropout_masks
+from model.lora_linear import fused_lora_config, use_bool_mask_dropout
 from model.peft_wrapping import quiet_peft_wrapping
 from model.vlm import VisionLanguageModel
 
@@ -57,11 +57,11 @@ def configure_trainable(
             vlm.llm = prepare_model_for_kbit_training(
                 vlm.llm,
                 use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs(),
+                gradient_checkpointing_kwargs={"use_reentrant": False},
             )
     elif gradient_checkpointing:
         vlm.llm.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=checkpointing_kwargs()
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     if settings.train_mode == "projector+lora":
         lora = LoraConfig(
@@ -76,8 +76,7 @@ def configure_trainable(
             lora = fused_lora_config(lora)
         with quiet_peft_wrapping():
             vlm.llm = get_peft_model(vlm.llm, lora)
-        # One-byte masks, kept through gradient checkpointing instead of drawn again
-        keep_lora_dropout_masks(vlm.llm)
+        use_bool_mask_dropout(vlm.llm)
     elif settings.train_mode == "projector+llm":
         vlm.llm.requires_grad_(True)
     vlm.vision.requires_grad_(False)

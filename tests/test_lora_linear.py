@@ -1,4 +1,5 @@
-"""LoRA dropout with one-byte masks kept through gradient checkpointing (model.lora_linear.py)."""
+"""peft's LoRA linear, fused: one-byte dropout masks, the scaling at rank r, the update accumulated
+into the base output (model/lora_linear.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from torch import nn
 
 from model.config import LoraSettings
 from model.lora_linear import (
+    BoolMaskDropout,
     FusedLoraLinear,
-    KeptMaskDropout,
-    checkpointing_kwargs,
     fused_lora_config,
-    keep_lora_dropout_masks,
+    use_bool_mask_dropout,
 )
 from model.trainable import configure_trainable
 from qwen.configuration_qwen import QWenConfig
@@ -33,7 +33,7 @@ TARGETS = ["c_attn", "c_proj", "w1", "w2"]  # 5 linears a block: c_proj is in at
 def test_the_mask_keeps_with_probability_one_minus_p_and_rescales():
     torch.manual_seed(0)
     x = torch.rand(400, 500) + 1.0  # no zeros of its own
-    dropout = KeptMaskDropout(0.3)
+    dropout = BoolMaskDropout(0.3)
     y = dropout(x)
     dropped = y == 0
     assert abs(dropped.float().mean().item() - 0.3) < 0.01  # 200,000 draws: 5 sigma is 0.005
@@ -45,7 +45,7 @@ def test_the_mask_keeps_with_probability_one_minus_p_and_rescales():
 def test_the_gradient_passes_the_kept_elements_only():
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
-    y = KeptMaskDropout(0.5)(x)
+    y = BoolMaskDropout(0.5)(x)
     y.sum().backward()
     kept = y != 0
     torch.testing.assert_close(x.grad, kept.float() * 2.0)
@@ -54,20 +54,22 @@ def test_the_gradient_passes_the_kept_elements_only():
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_p_outside_the_open_interval_is_refused(p):
     with pytest.raises(ValueError, match="p must be in"):
-        KeptMaskDropout(p)
+        BoolMaskDropout(p)
 
 
 def lora_model(
-    checkpointing: dict | None, dropout: float = 0.3, fused: bool = False, kept: bool = False
+    checkpointing: bool, dropout: float = 0.3, fused: bool = False, bool_mask: bool = False
 ) -> nn.Module:
     torch.manual_seed(0)
     model = QWenLMHeadModel(SMALL)
-    if checkpointing is not None:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    if checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
     model = get_peft_model(model, fused_lora_config(lora) if fused else lora)
-    if kept:
-        keep_lora_dropout_masks(model)
+    if bool_mask:
+        use_bool_mask_dropout(model)
     for name, param in model.named_parameters():  # B starts at zero; give it weight to test
         if "lora_B" in name:
             nn.init.normal_(param, std=0.1)
@@ -87,28 +89,22 @@ def step(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
     return [p.grad for p in model.parameters() if p.requires_grad], counts
 
 
-def test_checkpointing_keeps_the_masks_instead_of_drawing_them_again():
-    plain = lora_model(None)
-    assert keep_lora_dropout_masks(plain) == 10  # 2 blocks x 5 adapted linears
-    recomputed = lora_model({"use_reentrant": False}, kept=True)
-    kept = lora_model(checkpointing_kwargs(), kept=True)
-
+def test_checkpointing_draws_the_same_masks_again():
+    plain = lora_model(False)
+    assert use_bool_mask_dropout(plain) == 10  # 2 blocks x 5 adapted linears
+    recomputed = lora_model(True, bool_mask=True)
     plain_grads, plain_draws = step(plain)
     recomputed_grads, recomputed_draws = step(recomputed)
-    kept_grads, kept_draws = step(kept)
     assert plain_draws == {"aten::bernoulli_": 10}
     assert recomputed_draws == {"aten::bernoulli_": 20}  # the recompute draws each mask again
-    assert kept_draws == {"aten::bernoulli_": 10}
-    # The same masks in all three (same seed; the recompute restores the RNG state), so the
-    # same gradients: the kept masks are the ones the forward pass drew.
-    for a, b, c in zip(plain_grads, recomputed_grads, kept_grads, strict=True):
+    # From the RNG state checkpointing restored: the same masks, so the same gradients
+    for a, b in zip(plain_grads, recomputed_grads, strict=True):
         torch.testing.assert_close(b, a)
-        torch.testing.assert_close(c, a)
 
 
-def test_without_dropout_there_is_nothing_to_keep():
-    model = lora_model(checkpointing_kwargs(), dropout=0.0)
-    assert keep_lora_dropout_masks(model) == 0
+def test_without_dropout_there_is_no_mask():
+    model = lora_model(True, dropout=0.0)
+    assert use_bool_mask_dropout(model) == 0
     assert all(
         isinstance(d, nn.Identity)
         for m in model.modules()
@@ -120,8 +116,8 @@ def test_without_dropout_there_is_nothing_to_keep():
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_the_fused_forward_computes_peft_s_loss_and_gradients(dropout):
     """peft's forward and the fused one on the same weights and the same masks (same seed)."""
-    reference = lora_model(None, dropout, kept=True)
-    fused = lora_model(None, dropout, fused=True, kept=True)
+    reference = lora_model(False, dropout, bool_mask=True)
+    fused = lora_model(False, dropout, fused=True, bool_mask=True)
     assert sum(isinstance(m, FusedLoraLinear) for m in fused.modules()) == 10
     assert not any(isinstance(m, FusedLoraLinear) for m in reference.modules())
     torch.manual_seed(1)
@@ -139,8 +135,8 @@ def test_the_fused_forward_computes_peft_s_loss_and_gradients(dropout):
 
 def test_what_the_fused_forward_does_not_cover_takes_peft_s_forward():
     """Disabled and merged adapters, other dtypes: peft's own forward, the same outputs."""
-    reference = lora_model(None, 0.0).eval()
-    fused = lora_model(None, 0.0, fused=True).eval()
+    reference = lora_model(False, 0.0).eval()
+    fused = lora_model(False, 0.0, fused=True).eval()
     layer = fused.base_model.model.transformer.h[0].mlp.w1
     x = torch.randn(3, SMALL.hidden_size)
     assert layer._plain_adapter(x) == "default"
@@ -156,7 +152,7 @@ def test_what_the_fused_forward_does_not_cover_takes_peft_s_forward():
         torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
 
 
-def test_configure_trainable_installs_kept_masks_only_with_dropout(tiny_qwen_dir, tiny_clip_dir):
+def test_configure_trainable_installs_the_fused_layers_and_bool_masks(tiny_qwen_dir, tiny_clip_dir):
     from model.builder import build_vlm
     from model.config import LanguageModelConfig, ProjectorConfig, VisionConfig
 
@@ -180,6 +176,6 @@ def test_configure_trainable_installs_kept_masks_only_with_dropout(tiny_qwen_dir
             for d in m.lora_dropout.values()
         }
 
-    assert dropouts(0.05, checkpointing=True) == {KeptMaskDropout}
-    assert dropouts(0.05, checkpointing=False) == {KeptMaskDropout}
+    assert dropouts(0.05, checkpointing=True) == {BoolMaskDropout}
+    assert dropouts(0.05, checkpointing=False) == {BoolMaskDropout}
     assert dropouts(0.0, checkpointing=True) == {nn.Identity}
