@@ -15,8 +15,10 @@ mask is drawn as booleans (`BoolMaskDropout`: one byte an element, kept for the 
 instead of a float); its distribution is `nn.Dropout`'s (keep with probability 1 - p, scale kept
 values by 1 / (1 - p)), its random stream is not. Equal to peft's forward up to float rounding.
 Anything else peft supports (several active adapters, DoRA and the other variants, LoRA bias,
-merged or disabled adapters, mixed-adapter batches, dtype casts, ZeRO-3's partitioned weights)
-takes peft's own forward.
+merged or disabled adapters, mixed-adapter batches, dtype casts, autocast) takes peft's own
+forward. ZeRO-3 gathers a partitioned weight when it is read, so the fused path runs there too.
+Boolean masks are drawn on the CPU; on other devices `BoolMaskDropout` is torch's dropout (CUDA's
+fused kernel keeps a boolean mask already) and the fused forward runs without dropout only.
 
 Under gradient checkpointing the recompute draws each mask again from the restored RNG state (the
 same mask). Keeping the masks instead (a selective checkpoint policy) was measured faster on this
@@ -26,6 +28,7 @@ CPU but cost ~0.5 GB at 2 x 1024 tokens for Qwen2-0.5B, against the memory check
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
@@ -43,10 +46,12 @@ class BoolMaskDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
         return self.masked(x) * (1.0 / (1.0 - self.p))
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
-        """x with the dropped elements zeroed, not yet rescaled."""
+        """x (on the CPU) with the dropped elements zeroed, not yet rescaled."""
         mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - self.p)
         return torch.where(mask, x, 0.0)
 
@@ -56,7 +61,8 @@ class BoolMaskDropout(nn.Module):
 
 class FusedLoraLinear(LoraLinear):
     """peft's LoRA `Linear` whose plain case (one active adapter, vanilla LoRA) runs as
-    `base(x) + (lora_A(dropout(x)) * scaling) @ lora_B.weight.T`, accumulated in place."""
+    `base(x) + (lora_A(dropout(x)) * scaling) @ lora_B.weight.T`, accumulated in place: a forward
+    hook on the base layer sees its output with the LoRA update already added."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = None if args or kwargs else self._plain_adapter(x)
@@ -84,11 +90,12 @@ class FusedLoraLinear(LoraLinear):
         dropout = self.lora_dropout[adapter]
         if lora_B.bias is not None or not isinstance(dropout, (BoolMaskDropout, nn.Identity)):
             return None
+        if isinstance(dropout, BoolMaskDropout) and dropout.training and x.device.type != "cpu":
+            return None
+        if torch.is_autocast_enabled(x.device.type):  # addmm_ is in place: autocast skips it
+            return None
         weight = self.get_base_layer().weight
         if not x.dtype == lora_A.weight.dtype == lora_B.weight.dtype == weight.dtype:
-            return None
-        # ZeRO-3 leaves a partitioned weight empty outside its module's own call
-        if lora_B.weight.shape != (lora_B.out_features, lora_B.in_features):
             return None
         return adapter
 

@@ -51,6 +51,11 @@ def test_the_gradient_passes_the_kept_elements_only():
     torch.testing.assert_close(x.grad, kept.float() * 2.0)
 
 
+def test_off_the_cpu_the_mask_is_torch_s_dropout():
+    x = torch.empty(4, 6, device="meta")
+    assert BoolMaskDropout(0.3)(x).shape == x.shape  # no boolean bernoulli_ off the CPU
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_p_outside_the_open_interval_is_refused(p):
     with pytest.raises(ValueError, match="p must be in"):
@@ -149,6 +154,16 @@ def test_what_the_fused_forward_does_not_cover_takes_peft_s_forward():
         fused.merge_adapter()
         reference.merge_adapter()
         assert layer._plain_adapter(x) is None
+        torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
+
+
+def test_under_autocast_the_fused_layer_takes_peft_s_forward():
+    """addmm_ runs in place, which autocast does not cast: bf16 activations, fp32 LoRA B."""
+    reference = lora_model(False, 0.0).eval()
+    fused = lora_model(False, 0.0, fused=True).eval()
+    layer = fused.base_model.model.transformer.h[0].mlp.w1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._plain_adapter(torch.randn(3, SMALL.hidden_size)) is None
         torch.testing.assert_close(fused(IDS).logits, reference(IDS).logits)
 
 
