@@ -51,9 +51,19 @@ def test_the_gradient_passes_the_kept_elements_only():
     torch.testing.assert_close(x.grad, kept.float() * 2.0)
 
 
-def test_off_the_cpu_the_mask_is_torch_s_dropout():
-    x = torch.empty(4, 6, device="meta")
-    assert BoolMaskDropout(0.3)(x).shape == x.shape  # no boolean bernoulli_ off the CPU
+def test_off_the_cpu_the_mask_is_torch_s_dropout(monkeypatch):
+    """No boolean bernoulli_ off the CPU: torch's dropout, and peft's forward around it."""
+    calls = []
+    dropout = torch.nn.functional.dropout
+    monkeypatch.setattr(
+        torch.nn.functional, "dropout", lambda *a, **k: calls.append(a) or dropout(*a, **k)
+    )
+    x = torch.empty(4, SMALL.hidden_size, device="meta")
+    assert BoolMaskDropout(0.3)(x).shape == x.shape
+    assert len(calls) == 1
+    layer = lora_model(False, 0.3, fused=True, bool_mask=True).base_model.model.transformer.h[0]
+    assert layer.mlp.w1._plain_adapter(torch.randn(3, SMALL.hidden_size)) == "default"
+    assert layer.mlp.w1._plain_adapter(x) is None
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
